@@ -1,0 +1,25 @@
+"""The DiT model family."""
+
+from .dit import (
+    ATTENTION_IMPLS,
+    DIT_SIZES,
+    PUBLISHED_MODELS,
+    AttentionBackendError,
+    DiT,
+    DiT_models,
+    model_config,
+    sincos_2d,
+    timestep_sinusoid,
+)
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "DIT_SIZES",
+    "PUBLISHED_MODELS",
+    "AttentionBackendError",
+    "DiT",
+    "DiT_models",
+    "model_config",
+    "sincos_2d",
+    "timestep_sinusoid",
+]

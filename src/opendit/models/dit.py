@@ -1,0 +1,407 @@
+"""DiT: a Diffusion Transformer with adaLN-Zero conditioning, in one file.
+
+Module and parameter names are those of the published DiT checkpoints, so a published
+state dict (e.g. ``DiT-XL-2-256x256.pt``) loads with ``strict=True``.
+
+Shapes used in comments:
+    N  batch            C  input channels        H, W  input grid (latent or pixels)
+    p  patch size       h, w = H/p, W/p          T = h*w tokens
+    D  hidden size      nh heads, hd = D/nh head dim
+
+Speed options are keyword arguments named after the training flags; the default path is
+plain PyTorch with ``F.scaled_dot_product_attention``. ``attention_impl="eager"`` is the
+explicit softmax(QK^T/sqrt(hd))V reference used in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from functools import lru_cache, partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot run here (e.g. flash attention without a GPU)."""
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, dim) float64: [sin(pos * omega), cos(pos * omega)],
+    omega_k = 10000^(-k / (dim/2)), k = 0 .. dim/2 - 1."""
+    assert dim % 2 == 0
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(pos.reshape(-1).astype(np.float64), omega)  # (M, dim/2)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
+    """Fixed 2-D sin-cos table for an (h, w) token grid, tokens row-major -> (h*w, dim) float64.
+    The first dim/2 channels encode the column (w) index, the last dim/2 the row (h) index."""
+    assert dim % 4 == 0, "hidden size must be a multiple of 4 for the 2-D sin-cos embedding"
+    h, w = grid
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")  # each (h, w)
+    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, dtype=torch.float32) -> torch.Tensor:
+    """(N,) timesteps (may be fractional) -> (N, dim) [cos(t*f), sin(t*f)], f_k = exp(-ln(max_period) * k / (dim/2)).
+    Computed in float32 like the published model (float64 only when asked, for float64 models)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t[:, None].to(dtype) * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with a stride-p convolution; tokens row-major (h, then w)."""
+
+    def __init__(self, input_size, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.img_size = _pair(input_size)
+        self.patch_size = patch_size
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise ValueError(f"input size {self.img_size} is not divisible by patch size {patch_size}")
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"DiT was built for inputs of size {self.img_size}, got {tuple(x.shape[-2:])}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (N, D): 256-dim sinusoid followed by Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        wdtype = self.mlp[0].weight.dtype
+        t_freq = timestep_sinusoid(t, self.frequency_embedding_size, dtype=torch.float64 if wdtype == torch.float64 else torch.float32)
+        return self.mlp(t_freq.to(wdtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, D). Row ``num_classes`` is the null class used for classifier-free
+    guidance; in training, labels are replaced by it with probability ``dropout_prob``."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def drop_labels(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.drop_labels(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# ----------------------------------------------------------------------------- transformer
+
+ATTENTION_IMPLS = ("sdpa", "eager", "flash")
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference attention: softmax(q k^T / sqrt(hd)) v, computed explicitly. (N, nh, T, hd) each."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, nh, T, T)
+    return scores.softmax(dim=-1) @ v
+
+
+@lru_cache(maxsize=None)
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # optional: used only when installed
+    except Exception:
+        return None
+    return flash_attn_func
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention restricted to fused flash kernels: ``flash_attn`` when installed, otherwise
+    SDPA limited to its flash and cuDNN backends. Raises AttentionBackendError where none can run."""
+    if not q.is_cuda:
+        raise AttentionBackendError(
+            "--enable_flashattn needs a CUDA GPU (flash / cuDNN attention); this tensor is on "
+            f"{q.device.type}. Drop the flag to use the default SDPA attention."
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise AttentionBackendError(
+            f"--enable_flashattn needs fp16 or bf16 activations, got {q.dtype}; "
+            "use --mixed_precision bf16 or fp16, or drop the flag."
+        )
+    fa = _flash_attn_func()
+    if fa is not None:
+        # flash_attn takes (N, T, nh, hd)
+        return fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+    except RuntimeError as e:  # "No available kernel"
+        raise AttentionBackendError(f"--enable_flashattn: no flash or cuDNN attention kernel for this input ({e})") from e
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; qkv laid out [q | k | v], then heads."""
+
+    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, nh, T, hd)
+        if self.impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif self.impl == "eager":
+            out = eager_attention(q, k, v)
+        elif self.impl == "flash":
+            out = flash_attention(q, k, v)
+        else:
+            raise ValueError(f"unknown attention implementation {self.impl!r}; choose from {ATTENTION_IMPLS}")
+        return self.proj(out.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-sample affine modulation: (N, T, D), (N, D), (N, D) -> x * (1 + scale) + shift."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning on c (N, D)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attention_impl: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, impl=attention_impl)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map to p*p*out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------- DiT
+
+class DiT(nn.Module):
+    """Diffusion Transformer. forward(x (N, C, H, W), t (N,), y (N,)) -> (N, out_C, H, W),
+    out_C = 2C with learn_sigma (epsilon, then the variance interpolation v), else C."""
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        *,
+        enable_flashattn: bool = False,
+        grad_checkpoint: bool = False,
+        attention_impl: str | None = None,
+    ):
+        super().__init__()
+        if attention_impl is None:
+            attention_impl = "flash" if enable_flashattn else "sdpa"
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {attention_impl!r}; choose from {ATTENTION_IMPLS}")
+        self.input_size = _pair(input_size)
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_classes = num_classes
+        self.num_heads = num_heads
+        self.hidden_size = hidden_size
+        self.grad_checkpoint = grad_checkpoint
+
+        self.x_embedder = PatchEmbed(self.input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos table; a (frozen) Parameter so that it is part of the published state dict.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, attention_impl=attention_impl) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # -- options applied from outside
+    @property
+    def attention_impl(self) -> str:
+        return self.blocks[0].attn.impl if len(self.blocks) else "sdpa"
+
+    def set_attention_impl(self, impl: str) -> "DiT":
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+        for block in self.blocks:
+            block.attn.impl = impl
+        return self
+
+    def initialize_weights(self) -> None:
+        def _linear_init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(_linear_init)
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size, self.x_embedder.grid_size)).float()[None])
+        # Patch embedding as a linear map from a flattened patch.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output starts at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W); the channel is the fastest index inside a patch."""
+        p, c = self.patch_size, self.out_channels
+        h, w = self.x_embedder.grid_size
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D); fp32 residual stream under autocast
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        use_ckpt = self.grad_checkpoint and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, c, use_reentrant=False) if use_ckpt else block(x, c)
+        x = self.final_layer(x, c)  # (N, T, p*p*out_C)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guidance_channels: int | None = None
+    ) -> torch.Tensor:
+        """Classifier-free guidance. The batch is [conditional half; the same inputs with null labels];
+        only the first half of x is used. eps = uncond + cfg_scale * (cond - uncond) on the first
+        ``guidance_channels`` output channels (None: every epsilon channel; 3 reproduces the published
+        sampler); the other channels (and the variance half) are the conditional model's output."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        g = self.in_channels if guidance_channels is None else int(guidance_channels)
+        if not 0 < g <= self.out_channels:
+            raise ValueError(f"guidance_channels must be in 1..{self.out_channels}, got {guidance_channels}")
+        guided, rest = out[:, :g], out[:, g:]
+        cond, uncond = guided.chunk(2, dim=0)
+        mixed = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([mixed, mixed], dim=0), rest], dim=1)
+
+
+# ----------------------------------------------------------------------------- registry
+
+# name: (depth, hidden_size, num_heads). S/B/L/XL are the published family; T (tiny, DeiT-Ti
+# width) and N (nano) are extra small configs for CPU runs and tests.
+DIT_SIZES = {
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+    "T": (12, 192, 3),
+    "N": (4, 128, 4),
+}
+
+
+def _make(depth: int, hidden_size: int, num_heads: int, patch_size: int, **kwargs) -> DiT:
+    return DiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+
+
+DiT_models = {
+    f"DiT-{size}/{p}": partial(_make, *DIT_SIZES[size], p)
+    for size in ("XL", "L", "B", "S", "T", "N")
+    for p in (2, 4, 8)
+}
+PUBLISHED_MODELS = tuple(f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8))
+
+
+def model_config(name: str) -> dict:
+    """depth, hidden_size, num_heads and patch_size of a registered config."""
+    if name not in DiT_models:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(DiT_models)}")
+    size, p = name[len("DiT-"):].split("/")
+    depth, hidden, heads = DIT_SIZES[size]
+    return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(p)}
