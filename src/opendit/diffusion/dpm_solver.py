@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 
 
-def dpm_solver_timesteps(alphas_cumprod: torch.Tensor, num_steps: int, skip_type: str = "time_uniform") -> list[int]:
+def dpm_solver_timesteps(alphas_cumprod: torch.Tensor, num_steps: int, skip_type: str = "logSNR") -> list[int]:
     """``num_steps`` distinct discrete steps from T-1 down to 0 (both included), descending."""
     T = alphas_cumprod.shape[0]
     if not 1 <= num_steps <= T:
@@ -63,13 +63,18 @@ def dpm_solver_sample_loop(
     progress: bool = False,
     num_steps: int = 20,
     order: int = 2,
-    skip_type: str = "time_uniform",
+    skip_type: str = "logSNR",
     lower_order_final: bool = True,
     clip_denoised: bool = False,
 ) -> torch.Tensor:
     """Sample with DPM-Solver++ using ``num_steps`` model evaluations (the last at t=0, whose x_0
     prediction is returned). ``order`` 1 is DDIM; 2 is DPM-Solver++(2M). With ``lower_order_final``
-    the last solver step is first order when fewer than 15 steps are taken (more stable)."""
+    the last solver step (into t=0, by far the longest in log-SNR: lambda_0 = 4.6) is first order:
+    extrapolating the x_0 trend over it overshoots (on a 1-D Gaussian toy with the exact model,
+    20 time-uniform steps gave std 0.627 for 0.504 without, 0.481 with it).
+
+    ``skip_type``: "logSNR" (default; steps uniform in log-SNR, the most accurate on that toy at
+    10-25 steps: std 0.512 at 20), "time_uniform" or "time_quadratic"."""
     from .gaussian_diffusion import ModelMeanType
 
     if order not in (1, 2):
@@ -96,8 +101,7 @@ def dpm_solver_sample_loop(
             return x0
         t = ts[k + 1]
         h = lam[t] - lam[s]
-        last = k == len(ts) - 2
-        if order == 1 or x0_prev is None or (lower_order_final and last and len(ts) < 15):
+        if order == 1 or x0_prev is None or (lower_order_final and k == len(ts) - 2):
             d = x0
         else:
             d = x0 + (x0 - x0_prev) * (h / (2.0 * h_prev))

@@ -45,6 +45,7 @@ _TABLE_NAMES = (
     "log_betas",
     "alphas_cumprod",
     "alphas_cumprod_prev",
+    "one_minus_alphas_cumprod",
     "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod",
@@ -95,6 +96,7 @@ class GaussianDiffusion:
             "log_betas": torch.log(betas),
             "alphas_cumprod": abar,
             "alphas_cumprod_prev": abar_prev,
+            "one_minus_alphas_cumprod": 1.0 - abar,
             "sqrt_alphas_cumprod": abar.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1.0 - abar).sqrt(),
             "log_one_minus_alphas_cumprod": torch.log(1.0 - abar),
@@ -143,7 +145,7 @@ class GaussianDiffusion:
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0)."""
         mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
-        variance = (1.0 - self._extract("alphas_cumprod", t, x_start)).expand_as(x_start)
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
         log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
         return mean, variance, log_variance
 
