@@ -322,3 +322,19 @@ def test_flash_attention_matches_sdpa_on_gpu():
         ref = model.set_attention_impl("eager")(x, t, y).float()
         fast = model.set_attention_impl("flash")(x, t, y).float()
     assert ((fast - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize(
+    "size,gmacs",  # the facts file's table: GMACs of one forward pass at 256 px for patch 2 / 4 / 8
+    [("S", (6.06, 1.41, 0.36)), ("B", (23.01, 5.57, 1.42)), ("L", (80.70, 19.70, 5.01)), ("XL", (118.62, 29.04, 7.39))],
+)
+def test_forward_macs_match_the_published_table(size, gmacs):
+    from opendit.flops import dit_forward_macs, model_cost_config
+
+    for p, expected in zip((2, 4, 8), gmacs):
+        with torch.device("meta"):
+            model = DiT_models[f"DiT-{size}/{p}"](input_size=32)
+        assert round(dit_forward_macs(**model_cost_config(model)) / 1e9, 2) == pytest.approx(expected, abs=0.011)
+    with torch.device("meta"):
+        xl512 = DiT_models["DiT-XL/2"](input_size=64)
+    assert dit_forward_macs(**model_cost_config(xl512)) / 1e9 == pytest.approx(524.5, abs=0.06)

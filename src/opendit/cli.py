@@ -1,0 +1,56 @@
+"""The ``opendit`` command: ``opendit models`` lists the model configs; ``opendit demo`` runs the
+offline digits demo. Training, sampling and evaluation commands join as they land."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def cmd_models(args) -> int:
+    from opendit.models import DiT_models, PUBLISHED_MODELS, model_config
+
+    side = args.image_size // args.vae_downsample
+    print(f"{'model':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>10}  (input {side}x{side}x{args.in_channels})")
+    for name in DiT_models:
+        cfg = model_config(name)
+        if side % cfg["patch_size"]:
+            continue
+        with torch.device("meta"):
+            m = DiT_models[name](input_size=side, in_channels=args.in_channels, num_classes=args.num_classes)
+        n = sum(v.numel() for v in m.state_dict().values())
+        tag = "" if name in PUBLISHED_MODELS else "  (extra: CPU-sized)"
+        print(f"{name:<10} {cfg['depth']:>5} {cfg['hidden_size']:>6} {cfg['num_heads']:>5} {cfg['patch_size']:>5} "
+              f"{m.x_embedder.num_patches:>6} {n / 1e6:>9.2f}M{tag}")
+    return 0
+
+
+def cmd_demo(rest) -> int:
+    from opendit.demo import main as demo_main
+
+    return demo_main(rest)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="opendit", description="Train and sample DiT with plain PyTorch.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("models", help="list the model configs and their parameter counts")
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--vae_downsample", type=int, default=8, help="8 for the SD VAE latent space, 1 for pixels")
+    p.add_argument("--in_channels", type=int, default=4)
+    p.add_argument("--num_classes", type=int, default=1000)
+    sub.add_parser("demo", help="train a nano DiT on the bundled digits and sample it (offline)", add_help=False)
+    if argv and argv[0] == "demo":
+        return cmd_demo(argv[1:])
+    args = ap.parse_args(argv)
+    if args.image_size % args.vae_downsample:
+        print(f"error: --image_size {args.image_size} is not divisible by --vae_downsample {args.vae_downsample}", file=sys.stderr)
+        return 2
+    return cmd_models(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Analytic cost of a DiT, counted the way the DiT paper counts it (multiply-adds of the matrix
+products; norms, activations and softmax are not counted)."""
+
+from __future__ import annotations
+
+
+def dit_forward_macs(
+    *, input_size, patch_size: int, in_channels: int, hidden_size: int, depth: int, mlp_ratio: float = 4.0, learn_sigma: bool = True
+) -> int:
+    """Multiply-adds of one forward pass for one image."""
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    T = (h // patch_size) * (w // patch_size)
+    D = hidden_size
+    out_ch = in_channels * (2 if learn_sigma else 1)
+    hidden_mlp = int(D * mlp_ratio)
+    per_block = T * (3 * D * D + D * D + 2 * D * hidden_mlp) + 2 * T * T * D + 6 * D * D  # linears, QK^T + AV, adaLN
+    embed = T * D * in_channels * patch_size**2 + 256 * D + D * D
+    final = T * D * patch_size**2 * out_ch + 2 * D * D
+    return depth * per_block + embed + final
+
+
+def dit_train_flops_per_image(**cfg) -> int:
+    """FLOPs of one training step per image: backward ~ 2x forward, 2 FLOPs per multiply-add."""
+    return 3 * 2 * dit_forward_macs(**cfg)
+
+
+def model_cost_config(model) -> dict:
+    """The arguments of :func:`dit_forward_macs` read off a built DiT."""
+    return dict(
+        input_size=model.input_size,
+        patch_size=model.patch_size,
+        in_channels=model.in_channels,
+        hidden_size=model.hidden_size,
+        depth=len(model.blocks),
+        mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.hidden_size if len(model.blocks) else 4.0,
+        learn_sigma=model.learn_sigma,
+    )
