@@ -343,7 +343,7 @@ def test_dpm_solver_timesteps():
     for step, target in zip(ts, targets):  # each step is the discrete one nearest its target
         neighbours = [s for s in (step - 1, step, step + 1) if 0 <= s < 1000]
         assert min(neighbours, key=lambda s: abs(lam[s].item() - target)) == step
-    assert dpm_solver_timesteps(abar, 1000) == list(range(999, -1, -1))
+    assert dpm_solver_timesteps(abar, 1000, "time_uniform") == list(range(999, -1, -1))
     with pytest.raises(ValueError):
         dpm_solver_timesteps(abar, 0)
 
