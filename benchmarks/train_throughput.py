@@ -74,12 +74,13 @@ class Trainer:
         ).to(device)
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.ema_params = [p for p in self.ema.parameters() if p.requires_grad]
+        self.ema_params = [e for e, p in zip(self.ema.parameters(), model.parameters()) if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0, fused=(fast and device.type == "cuda"))
         self.model = model
         self.forward = torch.compile(model) if (fast and args.compile) else model
         self.diffusion = create_diffusion("")
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.fast_dtype or ("bf16" if device.type == "cuda" else "fp32")]
+        self.autocast = torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=fast and low is not None)
         self.latent_shape = (4, latent, latent)
         self.num_classes = args.num_classes
         self.flops_per_image = dit_train_flops_per_image(**model_cost_config(model))
@@ -103,12 +104,23 @@ class Trainer:
         return loss
 
 
+def state_bytes(trainer: Trainer) -> int:
+    """Bytes this trainer keeps between steps: weights, EMA, optimizer state."""
+    tensors = list(trainer.model.parameters()) + list(trainer.ema.parameters())
+    for st in trainer.opt.state.values():
+        tensors += [v for v in st.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def time_steps(trainer: Trainer, batch: int, warmup: int, steps: int) -> dict:
     x, y = trainer.batch(batch)
     for _ in range(warmup):
         trainer.step(x, y)
     sync(trainer.device)
     if trainer.device.type == "cuda":
+        trainer.opt.zero_grad(set_to_none=True)
+        # other trainers' state stays resident: count only this trainer's own bytes in its peak
+        others = torch.cuda.memory_allocated(trainer.device) - state_bytes(trainer)
         torch.cuda.reset_peak_memory_stats(trainer.device)
     times = []
     for _ in range(steps):
@@ -120,7 +132,7 @@ def time_steps(trainer: Trainer, batch: int, warmup: int, steps: int) -> dict:
         raise RuntimeError(f"{trainer.config}: non-finite loss")
     times.sort()
     med = times[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated(trainer.device) / 2**30 if trainer.device.type == "cuda" else float("nan")
+    peak = (torch.cuda.max_memory_allocated(trainer.device) - others) / 2**30 if trainer.device.type == "cuda" else float("nan")
     return {"step_s": med, "img_s": batch / med, "peak_gib": peak, "tflops": trainer.flops_per_image * batch / med / 1e12}
 
 
@@ -135,7 +147,13 @@ def train_benchmark(args, device) -> list[dict]:
         res = {}
         for rep in range(args.repeats):  # interleave the configurations
             for c, tr in trainers.items():
-                r = time_steps(tr, batch, args.warmup if rep == 0 else 1, args.steps)
+                try:
+                    r = time_steps(tr, batch, args.warmup if rep == 0 else 1, args.steps)
+                except torch.OutOfMemoryError:
+                    tr.opt.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    print(f"{batch:>5} {c:>9} out of memory")
+                    continue
                 if c not in res or r["step_s"] < res[c]["step_s"]:
                     res[c] = r
         for c, r in res.items():
@@ -159,7 +177,7 @@ def sample_benchmark(args, device) -> list[dict]:
     rows = []
     runs = [("ddpm", args.ddpm_steps), ("dpm-solver++", args.dpm_steps)]
     for name, steps in runs:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for timed in (False, True):  # first pass warms up
                 if timed:
                     sync(device)
@@ -189,6 +207,7 @@ def append_markdown(args, device, train_rows, sample_rows):
         lines += ["# Benchmarks", "", "Rows are appended by `benchmarks/train_throughput.py`; ratios compare configurations "
                   "measured in the same run.", ""]
     settings = (f"{args.model} @{args.image_size}px (latents), steps={args.steps}, warmup={args.warmup}, "
+                f"fast dtype={args.fast_dtype or ('bf16' if device.type == 'cuda' else 'fp32')}, "
                 f"compile={args.compile}, grad_checkpoint={args.grad_checkpoint}")
     lines += [f"## {stamp} — {device_name(device)}, torch {torch.__version__}", "", settings, ""]
     if train_rows:
@@ -220,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best of them is kept")
+    ap.add_argument("--fast_dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="autocast dtype of the fast config (default bf16 on CUDA, fp32 on CPU, where bf16 matmuls are slow)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--grad_checkpoint", action="store_true")
     ap.add_argument("--no_train", action="store_true")

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One prepared GPU session: environment, the test suite (GPU tests included), then the training and
+# sampling benchmarks for DiT-XL/2 @256 (latents). Writes logs and BENCHMARKS.md to $OUT when set.
+# Run from the repository root:  bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/opendit-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+$PY -c "import flash_attn" 2>/dev/null && echo "flash_attn installed" || echo "flash_attn not installed (SDPA flash/cuDNN backends)"
+
+echo "== tests"
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -4
+
+echo "== training throughput: reference vs fast"
+timeout 300 $PY benchmarks/train_throughput.py --model DiT-XL/2 --image_size 256 --batch_sizes 16,32 \
+    --steps 10 --warmup 3 --sample --sample_batch 32 2>&1 | tee "$OUT/train_ref_fast.log"
+echo "== training throughput: fast at larger batches"
+timeout 200 $PY benchmarks/train_throughput.py --model DiT-XL/2 --image_size 256 --batch_sizes 64,128 \
+    --configs fast --steps 8 --warmup 2 2>&1 | tee "$OUT/train_fast.log"
+cp BENCHMARKS.md "$OUT/" 2>/dev/null || true
