@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 import torch
@@ -140,13 +140,10 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return scores.softmax(dim=-1) @ v
 
 
-@lru_cache(maxsize=None)
-def _flash_attn_func():
-    try:
-        from flash_attn import flash_attn_func  # optional: used only when installed
-    except Exception:
-        return None
-    return flash_attn_func
+try:  # optional: used by --enable_flashattn when installed (resolved once, outside any traced code)
+    from flash_attn import flash_attn_func as _FLASH_ATTN_FUNC
+except Exception:
+    _FLASH_ATTN_FUNC = None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -162,10 +159,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
             f"--enable_flashattn needs fp16 or bf16 activations, got {q.dtype}; "
             "use --mixed_precision bf16 or fp16, or drop the flag."
         )
-    fa = _flash_attn_func()
-    if fa is not None:
-        # flash_attn takes (N, T, nh, hd)
-        return fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    if _FLASH_ATTN_FUNC is not None:  # flash_attn takes (N, T, nh, hd)
+        return _FLASH_ATTN_FUNC(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     try:
