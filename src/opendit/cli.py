@@ -1,5 +1,5 @@
-"""The ``opendit`` command: ``opendit models`` lists the model configs; ``opendit demo`` runs the
-offline digits demo. Training, sampling and evaluation commands join as they land."""
+"""The ``opendit`` command: ``opendit models`` lists the model configs; ``opendit train ...`` is
+scripts/dit/train.py. Sampling and evaluation commands join as they land."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_demo(rest) -> int:
-    from opendit.demo import main as demo_main
+def cmd_train(rest) -> int:
+    from opendit.train import main as train_main
 
-    return demo_main(rest)
+    return train_main(rest)
 
 
 def main(argv=None) -> int:
@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--vae_downsample", type=int, default=8, help="8 for the SD VAE latent space, 1 for pixels")
     p.add_argument("--in_channels", type=int, default=4)
     p.add_argument("--num_classes", type=int, default=1000)
-    sub.add_parser("demo", help="train a nano DiT on the bundled digits and sample it (offline)", add_help=False)
-    if argv and argv[0] == "demo":
-        return cmd_demo(argv[1:])
+    sub.add_parser("train", help="train a DiT (the flags of scripts/dit/train.py)", add_help=False)
+    if argv and argv[0] == "train":
+        return cmd_train(argv[1:])
     args = ap.parse_args(argv)
     if args.image_size % args.vae_downsample:
         print(f"error: --image_size {args.image_size} is not divisible by --vae_downsample {args.vae_downsample}", file=sys.stderr)

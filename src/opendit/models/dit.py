@@ -120,7 +120,7 @@ class LabelEmbedder(nn.Module):
         if force_drop_ids is None:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
-            drop = force_drop_ids == 1
+            drop = force_drop_ids.bool()
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -340,9 +340,11 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``force_drop_ids`` (N,) bool/0-1, optional: which labels to replace by the null class, instead of the
+        random class dropout of training mode (a trainer passes it to control the randomness itself)."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D); fp32 residual stream under autocast
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         use_ckpt = self.grad_checkpoint and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, c, use_reentrant=False) if use_ckpt else block(x, c)

@@ -1,0 +1,155 @@
+"""Training checkpoints: layout, atomic save, discovery and safe loading.
+
+    <run>/epoch{E}-global_step{G}/
+        model/model.safetensors    the trained weights (fp32, official key names)
+        ema.pt                     the EMA weights: a plain fp32 state dict, torch.load(..., weights_only=True)
+        optimizer/optimizer.pt     the optimizer state dict (tensors and numbers only)
+        running_states.json        epoch, step in epoch, global step, data position, seeds, scaler state
+    <run>/latest                   the name of the newest complete checkpoint
+
+A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a
+half-written checkpoint under a real name. Everything loads without executing pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+CKPT_RE = re.compile(r"^epoch(\d+)-global_step(\d+)$")
+MODEL_FILE = os.path.join("model", "model.safetensors")
+EMA_FILE = "ema.pt"
+OPTIM_FILE = os.path.join("optimizer", "optimizer.pt")
+STATE_FILE = "running_states.json"
+LATEST = "latest"
+
+
+def checkpoint_name(epoch: int, global_step: int) -> str:
+    return f"epoch{epoch}-global_step{global_step}"
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoint directories of a run, oldest first (by global step)."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        m = CKPT_RE.match(name)
+        if m and is_checkpoint_dir(os.path.join(run_dir, name)):
+            found.append((int(m.group(2)), name))
+    return [os.path.join(run_dir, n) for _, n in sorted(found)]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a run directory meaning its latest checkpoint."""
+    if not os.path.exists(path):
+        raise UserError(f"--load {path}: no such file or directory")
+    if is_checkpoint_dir(path):
+        return path
+    if not os.path.isdir(path):
+        raise UserError(f"--load {path}: expected a checkpoint directory (epochE-global_stepG/) or a run directory")
+    pointer = os.path.join(path, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if name and is_checkpoint_dir(os.path.join(path, name)):
+            return os.path.join(path, name)
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        raise UserError(f"--load {path}: no checkpoint in this directory")
+    return ckpts[-1]
+
+
+def _write_atomic_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: dict, optimizer_state: dict,
+                    running_states: dict, keep: int = 0) -> str:
+    """Write a complete checkpoint (called on one rank). ``keep`` > 0 deletes all but the newest ``keep``."""
+    final = os.path.join(run_dir, name)
+    tmp = os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(os.path.join(tmp, "model"))
+    os.makedirs(os.path.join(tmp, "optimizer"))
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
+    torch.save({k: v.detach().float().cpu() for k, v in ema_state.items()}, os.path.join(tmp, EMA_FILE))
+    torch.save(optimizer_state, os.path.join(tmp, OPTIM_FILE))
+    with open(os.path.join(tmp, STATE_FILE), "w") as f:
+        json.dump(running_states, f, indent=2)
+    if os.path.exists(final):  # the same step saved again (e.g. the final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic_text(os.path.join(run_dir, LATEST), name + "\n")
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _torch_load_safe(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint file {path} is missing") from None
+    except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError/EOFError for truncation
+        raise UserError(f"cannot load {path} safely ({str(e).splitlines()[0][:160]})") from None
+
+
+def load_checkpoint(ckpt_dir: str) -> dict:
+    """{"model", "ema", "optimizer", "running_states"} of a checkpoint directory, on the CPU."""
+    try:
+        model = load_file(os.path.join(ckpt_dir, MODEL_FILE))
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {ckpt_dir} has no {MODEL_FILE}") from None
+    except Exception as e:  # safetensors' SafetensorError, OSError
+        raise UserError(f"checkpoint {ckpt_dir}: {MODEL_FILE} is corrupt or truncated ({e})") from None
+    try:
+        with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
+            states = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {ckpt_dir}: {STATE_FILE} is unreadable ({e})") from None
+    for key in ("epoch", "global_step", "epoch_offset"):
+        if not isinstance(states.get(key), int):
+            raise UserError(f"checkpoint {ckpt_dir}: {STATE_FILE} has no integer {key!r}")
+    return {
+        "model": model,
+        "ema": _torch_load_safe(os.path.join(ckpt_dir, EMA_FILE)),
+        "optimizer": _torch_load_safe(os.path.join(ckpt_dir, OPTIM_FILE)),
+        "running_states": states,
+    }
+
+
+def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
+    """load_state_dict(strict=True) with a one-line explanation of any mismatch."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"shape mismatch: {wrong[0]}" + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise UserError(f"{what} does not fit this model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)

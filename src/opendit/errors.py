@@ -1,0 +1,14 @@
+"""User-facing errors: one clear line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a flag, a checkpoint). The message is shown as is."""
+
+
+def fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

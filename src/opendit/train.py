@@ -1,0 +1,400 @@
+"""Train a class-conditional DiT.
+
+    python scripts/dit/train.py --dataset digits --model DiT-S/2 --mixed_precision fp32       # one process
+    torchrun --standalone --nproc_per_node=2 scripts/dit/train.py --model DiT-XL/2 --batch_size 2 --num_classes 10
+
+Read top to bottom: arguments -> processes -> data -> (VAE) -> model, EMA, optimizer -> resume -> run directory ->
+the training loop (loss, backward, clip, step, EMA, log, checkpoint) -> final checkpoint and sample grid.
+
+Randomness is a function of (global seed, global step): every step draws the timesteps, noise, label drops and VAE
+posterior noise of the whole global batch from one generator and each rank takes its slice, and the data order is a
+seeded permutation per epoch. So ranks never share noise, a run on N processes of batch B matches a 1-process run of
+batch N*B, and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import parallel
+from .data import GlobalBatchPlan, build_dataset, default_image_size, plan_batches
+from .diffusion import create_diffusion
+from .ema import EMA
+from .errors import UserError
+from .flops import dit_train_flops_per_image, model_cost_config
+from .images import labelled_grid, save_image_atomic
+from .models import AttentionBackendError, DiT_models
+from .vae import load_vae, resolve_vae
+
+
+# ----------------------------------------------------------------------------- arguments
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's own code), no usage dump
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Train a class-conditional DiT (torchrun for several processes).")
+    a = p.add_argument
+    a("--model", default="DiT-XL/2", help="one of opendit.models.DiT_models (DiT-XL/2 ... DiT-S/8, DiT-T/*, DiT-N/*)")
+    a("--dataset", default="cifar10", help="cifar10, imagefolder or digits (scikit-learn's 8x8 digits, offline)")
+    a("--data_path", default="./datasets", help="cifar10: folder holding cifar-10-batches-py/; imagefolder: root/<class>/<images>")
+    a("--image_size", type=int, default=None, help="training resolution (default: 8 for digits, 256 otherwise)")
+    a("--num_classes", type=int, default=None, help="taken from the dataset when omitted; must agree with it")
+    a("--batch_size", type=int, default=2, help="per process")
+    a("--epochs", type=int, default=1400)
+    a("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    a("--lr", type=float, default=1e-4)
+    a("--grad_clip", type=float, default=1.0, help="max global gradient norm; 0 = off")
+    a("--ema_decay", type=float, default=0.9999)
+    a("--global_seed", type=int, default=0)
+    a("--num_workers", type=int, default=4, help="data-loading workers (image folders; in-memory data needs none)")
+    a("--log_every", type=int, default=10)
+    a("--ckpt_every", type=int, default=1000)
+    a("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (0 = all)")
+    a("--outputs", default="./outputs", help="run directories are created here as NNN-<model>")
+    a("--load", default=None, help="resume: a checkpoint directory, or a run directory (its latest checkpoint)")
+    a("--plugin", default="ddp", choices=parallel.PLUGINS, help="data parallelism (ddp; zero2/fsdp: sharded, coming)")
+    a("--mixed_precision", default="bf16", choices=list(parallel.PRECISIONS), help="autocast dtype (fp32 master weights)")
+    a("--grad_checkpoint", action="store_true", help="recompute each block in the backward pass (less memory)")
+    a("--enable_flashattn", action="store_true", help="flash / cuDNN attention only (CUDA, bf16/fp16)")
+    a("--vae", default="auto", help="auto (pixels up to 64 px, else ema), ema, mse, none, or a diffusers AutoencoderKL folder")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--final_samples", type=int, default=0, help="after training, write samples.png with this many EMA samples per class")
+    a("--final_cfg_scale", type=float, default=4.0, help="guidance scale of that grid")
+    return p
+
+
+def validate(args) -> None:
+    if args.model not in DiT_models:
+        raise UserError(f"unknown model {args.model!r}; choose from {', '.join(DiT_models)}")
+    if args.dataset not in ("cifar10", "imagefolder", "digits"):
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, imagefolder or digits")
+    for name in ("batch_size", "epochs", "log_every", "ckpt_every"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise UserError(f"--max_steps must be positive, got {args.max_steps}")
+    if args.image_size is not None and args.image_size <= 0:
+        raise UserError(f"--image_size must be positive, got {args.image_size}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
+    if args.lr <= 0 or args.grad_clip < 0 or args.num_workers < 0 or args.ckpt_keep < 0 or args.final_samples < 0:
+        raise UserError("--lr must be positive; --grad_clip, --num_workers, --ckpt_keep, --final_samples non-negative")
+
+
+# ----------------------------------------------------------------------------- run directory and logging
+
+def new_run_dir(outputs: str, model_name: str) -> str:
+    os.makedirs(outputs, exist_ok=True)
+    taken = [int(m.group(1)) for d in os.listdir(outputs) if (m := re.match(r"^(\d{3,})-", d))]
+    path = os.path.join(outputs, f"{(max(taken) + 1 if taken else 0):03d}-{model_name.replace('/', '-')}")
+    os.makedirs(path)
+    return path
+
+
+class RunLog:
+    """log.txt + stdout, metrics.jsonl, and TensorBoard scalars when tensorboard is installed (rank 0 only)."""
+
+    def __init__(self, run_dir: str | None):
+        self.run_dir = run_dir
+        self.tb = None
+        if run_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except Exception:  # tensorboard not installed
+            self.tb = None
+
+    def info(self, msg: str) -> None:
+        if self.run_dir is None:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        tqdm.write(line)
+        with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
+            f.write(line + "\n")
+
+    def metrics(self, step: int, values: dict) -> None:
+        if self.run_dir is None:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- randomness
+
+def step_seed(global_seed: int, global_step: int) -> int:
+    return int(np.random.SeedSequence([global_seed, global_step, 0x0D17]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def draw_step_randomness(gen: torch.Generator, global_batch: int, sl: slice, shape, vae_shape, num_timesteps: int,
+                         class_dropout: float, device):
+    """Timesteps, label drops, diffusion noise and VAE posterior noise for this rank's slice of the global batch."""
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=device)[sl]
+    drop = (torch.rand(global_batch, generator=gen, device=device) < class_dropout)[sl]
+    noise = torch.randn((global_batch, *shape), generator=gen, device=device)[sl]
+    vae_eps = torch.randn((global_batch, *vae_shape), generator=gen, device=device)[sl] if vae_shape else None
+    return t, drop, noise, vae_eps
+
+
+# ----------------------------------------------------------------------------- sample grid
+
+@torch.no_grad()
+def write_sample_grid(path: str, model, diffusion, codec, *, num_classes: int, class_names, per_class: int,
+                      cfg_scale: float, shape, device, seed: int) -> None:
+    classes = list(range(num_classes)) if num_classes <= 10 else list(np.linspace(0, num_classes - 1, 10).round().astype(int))
+    labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn((len(labels), *shape), generator=g, device=device)
+    y = torch.cat([labels, torch.full_like(labels, num_classes)])
+    out = diffusion.dpm_solver_sample_loop(model.forward_with_cfg, (2 * len(labels), *shape), noise=torch.cat([z, z]),
+                                           model_kwargs=dict(y=y, cfg_scale=cfg_scale), num_steps=20)[: len(labels)]
+    images = codec.decode(out) if codec is not None else out
+    save_image_atomic(labelled_grid(images, labels.tolist(), class_names), path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def train(args) -> int:
+    validate(args)
+    env = parallel.init_distributed(args.device)
+    log = RunLog(None)
+    run_dir, created_run_dir = None, False
+    try:
+        precision = parallel.Precision(args.mixed_precision, env.device)
+        if args.plugin != "ddp":
+            parallel.wrap_model(torch.nn.Identity(), args.plugin, env)  # raises the clear "not yet" error
+        global_batch = args.batch_size * env.world_size
+
+        # --- data
+        image_size = args.image_size or default_image_size(args.dataset)
+        dataset = build_dataset(args.dataset, args.data_path, image_size)
+        if args.num_classes is not None and args.num_classes != dataset.num_classes:
+            raise UserError(f"--num_classes {args.num_classes} contradicts the dataset, which has {dataset.num_classes} classes")
+        num_classes = dataset.num_classes
+        if len(dataset) < global_batch:
+            raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch ({global_batch})")
+
+        # --- pixel or latent space
+        vae_name = resolve_vae(args.vae, image_size)
+        codec = load_vae(vae_name, env.device) if vae_name else None
+        if codec is not None:
+            if image_size % codec.downsample:
+                raise UserError(f"--image_size {image_size} is not divisible by the VAE's downsampling factor {codec.downsample}")
+            input_size, in_channels = image_size // codec.downsample, codec.latent_channels
+        else:
+            input_size, in_channels = image_size, dataset.channels
+        patch = int(args.model.split("/")[-1])
+        if input_size % patch:
+            space = "latent" if codec else "image"
+            raise UserError(f"the {space} size {input_size} (from --image_size {image_size}) is not divisible by "
+                            f"{args.model}'s patch size {patch}")
+        if args.enable_flashattn and env.device.type != "cuda":
+            raise UserError("--enable_flashattn needs a CUDA GPU (flash / cuDNN attention); drop the flag on a CPU")
+        if args.enable_flashattn and precision.dtype is None:
+            raise UserError("--enable_flashattn needs --mixed_precision bf16 or fp16")
+
+        # --- model, EMA, optimizer, diffusion
+        torch.manual_seed(args.global_seed)  # identical initial weights on every rank
+        model = DiT_models[args.model](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                                       enable_flashattn=args.enable_flashattn, grad_checkpoint=args.grad_checkpoint)
+        model = model.to(env.device)
+        ema = EMA(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0,
+                                fused=env.device.type == "cuda")
+        diffusion = create_diffusion(timestep_respacing="")
+        class_dropout = model.y_embedder.dropout_prob
+
+        # --- resume
+        epoch, epoch_offset, global_step = 0, 0, 0
+        if args.load:
+            ckpt_dir = ckpt.resolve_checkpoint(args.load)
+            state = ckpt.load_checkpoint(ckpt_dir)
+            ckpt.load_into(model, state["model"], f"checkpoint {ckpt_dir} (model)")
+            ckpt.load_into(ema.model, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")
+            try:
+                opt.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise UserError(f"checkpoint {ckpt_dir}: the optimizer state does not fit this model ({e})") from None
+            rs = state["running_states"]
+            epoch, epoch_offset, global_step = rs["epoch"], rs["epoch_offset"], rs["global_step"]
+            if precision.scaler is not None and rs.get("grad_scaler"):
+                precision.scaler.load_state_dict(rs["grad_scaler"])
+            run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
+        ddp_model = parallel.wrap_model(model, args.plugin, env)
+
+        # --- run directory (rank 0 creates, everyone learns its name)
+        if env.is_main and run_dir is None:
+            run_dir = new_run_dir(args.outputs, args.model)
+            created_run_dir = True
+        run_dir = parallel.broadcast_object(run_dir, env)
+        log = RunLog(run_dir if env.is_main else None)
+        plan = GlobalBatchPlan(len(dataset), global_batch, rank=env.rank, world_size=env.world_size,
+                               seed=args.global_seed, shuffle=True, flip=dataset.flip)
+        if plan.steps_per_epoch == 0:
+            raise UserError("the dataset is smaller than one global batch")
+        if epoch_offset + global_batch > len(dataset):  # the saved position was the end of an epoch
+            epoch, epoch_offset = epoch + 1, 0
+        total_steps = args.max_steps or args.epochs * plan.steps_per_epoch
+        total_steps = min(total_steps, args.epochs * plan.steps_per_epoch)
+
+        config = dict(vars(args), image_size=image_size, num_classes=num_classes, input_size=input_size,
+                      in_channels=in_channels, vae_resolved=vae_name, world_size=env.world_size, global_batch=global_batch,
+                      class_names=list(dataset.class_names))
+        if env.is_main:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        flops = dit_train_flops_per_image(**model_cost_config(model))
+        log.info(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image per step; "
+                 f"input {in_channels}x{input_size}x{input_size} ({'latents of ' + vae_name if codec else 'pixels'}); "
+                 f"{args.dataset}: {len(dataset)} images, {num_classes} classes; global batch {global_batch} "
+                 f"({env.world_size} x {args.batch_size}), {plan.steps_per_epoch} steps/epoch; "
+                 f"{args.mixed_precision} on {env.device}, plugin {args.plugin}; run dir {run_dir}")
+        if (w := precision.warning()) and env.is_main:
+            print(f"warning: {w}", file=sys.stderr)
+            log.info(f"warning: {w}")
+        if args.load:
+            log.info(f"resumed from {ckpt_dir} at epoch {epoch}, global step {global_step}")
+
+        def save(at_epoch: int, at_offset: int) -> None:
+            if env.is_main:
+                rs = {"epoch": at_epoch, "epoch_offset": at_offset, "global_step": global_step,
+                      "step_in_epoch": at_offset // global_batch, "global_batch": global_batch,
+                      "world_size": env.world_size, "global_seed": args.global_seed,
+                      "rng": "per-step generators seeded from (global_seed, global_step); data order from (global_seed, epoch)",
+                      "grad_scaler": precision.scaler.state_dict() if precision.scaler is not None else None}
+                path = ckpt.save_checkpoint(run_dir, ckpt.checkpoint_name(at_epoch, global_step),
+                                            model_state=model.state_dict(), ema_state=ema.state_dict(),
+                                            optimizer_state=opt.state_dict(), running_states=rs, keep=args.ckpt_keep)
+                log.info(f"saved checkpoint {path}")
+            parallel.barrier(env)
+
+        # --- training loop
+        ddp_model.train()
+        shape = (in_channels, input_size, input_size)
+        vae_shape = (codec.latent_channels, input_size, input_size) if codec else None
+        rank_slice = slice(env.rank * args.batch_size, (env.rank + 1) * args.batch_size)
+        gen = torch.Generator(device=env.device)
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+        loss_sum = torch.zeros((), device=env.device)
+        norm_sum = torch.zeros((), device=env.device)
+        n_logged, t_last, step_last = 0, time.perf_counter(), global_step
+        bar = tqdm(total=total_steps, initial=global_step, disable=not env.is_main, desc="train", dynamic_ncols=True)
+        while global_step < total_steps:
+            for x, y in plan_batches(dataset, plan, epoch, epoch_offset, args.num_workers, pin_memory=env.device.type == "cuda"):
+                x = x.to(env.device, non_blocking=True)
+                y = y.to(env.device, non_blocking=True)
+                gen.manual_seed(step_seed(args.global_seed, global_step))
+                t, drop, noise, vae_eps = draw_step_randomness(gen, global_batch, rank_slice, shape, vae_shape,
+                                                               diffusion.num_timesteps, class_dropout, env.device)
+                if codec is not None:
+                    x = codec.encode(x, vae_eps)
+                with precision.autocast():
+                    kwargs = dict(y=y, force_drop_ids=drop) if class_dropout > 0 else dict(y=y)
+                    loss = diffusion.training_losses(ddp_model, x, t, kwargs, noise=noise)["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                if precision.scaler is not None:
+                    precision.scaler.scale(loss).backward()
+                    precision.scaler.unscale_(opt)
+                else:
+                    loss.backward()
+                max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                if precision.scaler is not None:
+                    precision.scaler.step(opt)
+                    precision.scaler.update()
+                else:
+                    opt.step()
+                ema.update(args.ema_decay)
+                global_step += 1
+                epoch_offset += global_batch
+                loss_sum += loss.detach()
+                norm_sum += grad_norm.detach()
+                n_logged += 1
+                bar.update(1)
+
+                if global_step % args.log_every == 0 or global_step == total_steps:
+                    avg_loss = parallel.all_reduce_mean(loss_sum / n_logged, env).item()
+                    avg_norm = (norm_sum / n_logged).item()
+                    dt = time.perf_counter() - t_last
+                    steps_s = (global_step - step_last) / dt
+                    values = {"loss": avg_loss, "grad_norm": avg_norm, "steps_per_s": steps_s,
+                              "images_per_s": steps_s * global_batch, "epoch": epoch, "lr": args.lr}
+                    if env.device.type == "cuda":
+                        values["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                    log.metrics(global_step, values)
+                    log.info(f"step {global_step}/{total_steps} epoch {epoch} loss {avg_loss:.4f} grad_norm {avg_norm:.3f} "
+                             f"{steps_s:.2f} steps/s {steps_s * global_batch:.1f} img/s"
+                             + (f" peak {values['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in values else ""))
+                    bar.set_postfix(loss=f"{avg_loss:.4f}", img_s=f"{steps_s * global_batch:.1f}")
+                    loss_sum.zero_(); norm_sum.zero_()
+                    n_logged, t_last, step_last = 0, time.perf_counter(), global_step
+
+                if global_step % args.ckpt_every == 0 and global_step < total_steps:
+                    save(epoch, epoch_offset)
+                if global_step >= total_steps:
+                    break
+            else:  # the epoch ran out
+                epoch, epoch_offset = epoch + 1, 0
+        bar.close()
+        save(epoch, epoch_offset)
+
+        if args.final_samples > 0 and env.is_main:
+            path = os.path.join(run_dir, "samples.png")
+            write_sample_grid(path, ema.model, diffusion, codec, num_classes=num_classes, class_names=dataset.class_names,
+                              per_class=args.final_samples, cfg_scale=args.final_cfg_scale, shape=shape,
+                              device=env.device, seed=args.global_seed)
+            log.info(f"wrote {args.final_samples} EMA samples per class (DPM-Solver++ 20 steps, cfg {args.final_cfg_scale}) to {path}")
+        parallel.barrier(env)
+        return 0
+    except (UserError, AttentionBackendError) as e:
+        if created_run_dir and run_dir and not ckpt.list_checkpoints(run_dir):
+            log.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(str(e)) from None
+    finally:
+        log.close()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        parallel.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
