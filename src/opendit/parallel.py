@@ -96,12 +96,16 @@ def all_ranks_agree(ok: bool, env: DistEnv) -> bool:
     return int(t.item()) == 0
 
 
-def wrap_model(model: torch.nn.Module, plugin: str, env: DistEnv) -> torch.nn.Module:
-    """Apply the data-parallel plugin. ``ddp``: gradients all-reduced (averaged) in buckets during backward."""
+def check_plugin(plugin: str) -> None:
     if plugin not in PLUGINS:
         raise UserError(f"unknown --plugin {plugin!r}; choose from {', '.join(PLUGINS)}")
     if plugin != "ddp":
         raise UserError(f"--plugin {plugin} (sharded training) is not available yet; use --plugin ddp")
+
+
+def wrap_model(model: torch.nn.Module, plugin: str, env: DistEnv) -> torch.nn.Module:
+    """Apply the data-parallel plugin. ``ddp``: gradients all-reduced (averaged) in buckets during backward."""
+    check_plugin(plugin)
     if not env.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP

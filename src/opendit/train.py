@@ -186,8 +186,7 @@ def train(args) -> int:
     run_dir, created_run_dir = None, False
     try:
         precision = parallel.Precision(args.mixed_precision, env.device)
-        if args.plugin != "ddp":
-            parallel.wrap_model(torch.nn.Identity(), args.plugin, env)  # raises the clear "not yet" error
+        parallel.check_plugin(args.plugin)
         global_batch = args.batch_size * env.world_size
 
         # --- data
