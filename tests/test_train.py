@@ -150,3 +150,19 @@ def test_latent_space_training_through_a_local_vae(tmp_path):
     ema = torch.load(os.path.join(list_checkpoints(run_dir)[-1], "ema.pt"), weights_only=True)
     assert ema["x_embedder.proj.weight"].shape[1] == 4
     assert os.path.exists(os.path.join(run_dir, "samples.png"))  # decoded through the VAE
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_runs_at_tiny_size(tmp_path, precision):
+    # CPU low-precision matmuls are slow: a tiny model, 3 steps. fp16 goes through the gradient scaler.
+    r = run_train(*[a for a in TINY if a != "fp32" and a != "--mixed_precision"], "--mixed_precision", precision,
+                  "--batch_size", "16", "--max_steps", "3", "--log_every", "1", "--outputs", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    from opendit.parallel import cpu_has_fast_bf16
+
+    assert ("warning: --mixed_precision" in r.stderr) == (not cpu_has_fast_bf16())  # a CPU without AMX says so
+    run_dir = only_run_dir(tmp_path)
+    losses = [m["loss"] for m in read_metrics(run_dir).values()]
+    assert len(losses) == 3 and all(0 < v < 10 for v in losses)
+    rs = json.load(open(os.path.join(list_checkpoints(run_dir)[-1], "running_states.json")))
+    assert (rs["grad_scaler"] is not None) == (precision == "fp16")
