@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 
@@ -51,14 +52,14 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, n) for _, n in sorted(found)]
 
 
-def resolve_checkpoint(path: str) -> str:
+def resolve_checkpoint(path: str, flag: str = "--load") -> str:
     """A checkpoint directory, or a run directory meaning its latest checkpoint."""
     if not os.path.exists(path):
-        raise UserError(f"--load {path}: no such file or directory")
+        raise UserError(f"{flag} {path}: no such file or directory")
     if is_checkpoint_dir(path):
         return path
     if not os.path.isdir(path):
-        raise UserError(f"--load {path}: expected a checkpoint directory (epochE-global_stepG/) or a run directory")
+        raise UserError(f"{flag} {path}: expected a checkpoint directory (epochE-global_stepG/) or a run directory")
     pointer = os.path.join(path, LATEST)
     if os.path.isfile(pointer):
         with open(pointer) as f:
@@ -67,7 +68,7 @@ def resolve_checkpoint(path: str) -> str:
             return os.path.join(path, name)
     ckpts = list_checkpoints(path)
     if not ckpts:
-        raise UserError(f"--load {path}: no checkpoint in this directory")
+        raise UserError(f"{flag} {path}: no checkpoint in this directory")
     return ckpts[-1]
 
 
@@ -153,3 +154,59 @@ def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise UserError(f"{what} does not fit this model: " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------- weights for sampling
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _load_weights_file(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"refusing to load {path}: it is a pickle that carries more than tensors (code or Python objects such as "
+            f"argparse.Namespace), and only weights_only loads are allowed; export its state dict to a bare .pt or "
+            f".safetensors file with code you trust ({str(e).splitlines()[0][:120]})"
+        ) from None
+    except Exception as e:  # truncated or not a torch file
+        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]  # a training checkpoint saved without pickled objects
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def run_config_for(ckpt_dir: str) -> dict | None:
+    """config.json of the run a checkpoint directory belongs to, if any."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str, dict | None]:
+    """(state dict, what was loaded, the run's config.json or None) for every checkpoint people have: a bare
+    state dict (.pt, e.g. the published DiT-XL-2-256x256.pt), our ema.pt, a .safetensors file, a checkpoint's
+    model/ folder, a checkpoint directory or a run directory (EMA unless ``use_model_weights``)."""
+    if not os.path.exists(path):
+        raise UserError(f"--ckpt {path}: no such file or directory")
+    if os.path.isfile(path):
+        cfg = run_config_for(os.path.dirname(path)) if os.path.basename(path) == EMA_FILE else None
+        return _load_weights_file(path), path, cfg
+    if os.path.isfile(os.path.join(path, "model.safetensors")):  # epochXX-global_stepXX/model
+        return _load_weights_file(os.path.join(path, "model.safetensors")), path, run_config_for(os.path.dirname(path))
+    ckpt_dir = resolve_checkpoint(path, flag="--ckpt")
+    file = os.path.join(ckpt_dir, MODEL_FILE if use_model_weights else EMA_FILE)
+    return _load_weights_file(file), file, run_config_for(ckpt_dir)

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epochs", type=int, default=1400)
     a("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
     a("--lr", type=float, default=1e-4)
+    a("--lr_schedule", default="constant", choices=["constant", "cosine"],
+      help="constant (the published recipe) or cosine decay to 0 at the last step")
+    a("--warmup_steps", type=int, default=0, help="linear learning-rate warmup from 0")
     a("--grad_clip", type=float, default=1.0, help="max global gradient norm; 0 = off")
     a("--ema_decay", type=float, default=0.9999)
     a("--global_seed", type=int, default=0)
@@ -93,8 +96,9 @@ def validate(args) -> None:
         raise UserError(f"--image_size must be positive, got {args.image_size}")
     if not 0.0 <= args.ema_decay <= 1.0:
         raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
-    if args.lr <= 0 or args.grad_clip < 0 or args.num_workers < 0 or args.ckpt_keep < 0 or args.final_samples < 0:
-        raise UserError("--lr must be positive; --grad_clip, --num_workers, --ckpt_keep, --final_samples non-negative")
+    if args.lr <= 0 or min(args.grad_clip, args.num_workers, args.ckpt_keep, args.final_samples, args.warmup_steps) < 0:
+        raise UserError("--lr must be positive; --grad_clip, --num_workers, --ckpt_keep, --final_samples, "
+                        "--warmup_steps non-negative")
 
 
 # ----------------------------------------------------------------------------- run directory and logging
@@ -143,6 +147,16 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def learning_rate(step: int, *, lr: float, schedule: str, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup, then constant or cosine to 0."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return lr
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -323,6 +337,10 @@ def train(args) -> int:
                     precision.scaler.unscale_(opt)
                 else:
                     loss.backward()
+                lr = learning_rate(global_step, lr=args.lr, schedule=args.lr_schedule, warmup=args.warmup_steps,
+                                   total=total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 if precision.scaler is not None:
@@ -344,7 +362,7 @@ def train(args) -> int:
                     dt = time.perf_counter() - t_last
                     steps_s = (global_step - step_last) / dt
                     values = {"loss": avg_loss, "grad_norm": avg_norm, "steps_per_s": steps_s,
-                              "images_per_s": steps_s * global_batch, "epoch": epoch, "lr": args.lr}
+                              "images_per_s": steps_s * global_batch, "epoch": epoch, "lr": lr}
                     if env.device.type == "cuda":
                         values["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                     log.metrics(global_step, values)

@@ -402,3 +402,26 @@ def model_config(name: str) -> dict:
     size, p = name[len("DiT-"):].split("/")
     depth, hidden, heads = DIT_SIZES[size]
     return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(p)}
+
+
+def config_from_state_dict(sd: dict) -> dict:
+    """What a DiT state dict determines: patch size, input channels, width, depth, classes, token count,
+    learn_sigma, and the registry name when one matches. Raises ValueError if it is not a DiT state dict."""
+    need = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"not a DiT state dict (no {missing[0]})")
+    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    cfg = {
+        "patch_size": int(patch), "in_channels": int(in_channels), "hidden_size": int(hidden), "depth": depth,
+        "num_classes": int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1,  # the last row is the null class
+        "num_tokens": int(sd["pos_embed"].shape[1]), "learn_sigma": out == 2 * in_channels,
+        "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden if depth else 4.0,
+    }
+    cfg["name"] = next((f"DiT-{s}/{patch}" for s, (d, h, _) in DIT_SIZES.items()
+                        if d == depth and h == hidden and f"DiT-{s}/{patch}" in DiT_models), None)
+    heads = {h: nh for d, h, nh in DIT_SIZES.values()}
+    cfg["num_heads"] = heads.get(int(hidden))
+    return cfg
