@@ -179,15 +179,16 @@ def draw_step_randomness(gen: torch.Generator, global_batch: int, sl: slice, sha
 
 @torch.no_grad()
 def write_sample_grid(path: str, model, diffusion, codec, *, num_classes: int, class_names, per_class: int,
-                      cfg_scale: float, shape, device, seed: int) -> None:
+                      cfg_scale: float, shape, device, seed: int, precision: parallel.Precision) -> None:
     classes = list(range(num_classes)) if num_classes <= 10 else list(np.linspace(0, num_classes - 1, 10).round().astype(int))
     labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn((len(labels), *shape), generator=g, device=device)
     y = torch.cat([labels, torch.full_like(labels, num_classes)])
-    out = diffusion.dpm_solver_sample_loop(model.forward_with_cfg, (2 * len(labels), *shape), noise=torch.cat([z, z]),
-                                           model_kwargs=dict(y=y, cfg_scale=cfg_scale), num_steps=20)[: len(labels)]
-    images = codec.decode(out) if codec is not None else out
+    with precision.autocast():  # the training precision (flash attention needs bf16/fp16)
+        out = diffusion.dpm_solver_sample_loop(model.forward_with_cfg, (2 * len(labels), *shape), noise=torch.cat([z, z]),
+                                               model_kwargs=dict(y=y, cfg_scale=cfg_scale), num_steps=20)[: len(labels)]
+    images = codec.decode(out.float()) if codec is not None else out.float()
     save_image_atomic(labelled_grid(images, labels.tolist(), class_names), path)
 
 
@@ -386,7 +387,7 @@ def train(args) -> int:
             path = os.path.join(run_dir, "samples.png")
             write_sample_grid(path, ema.model, diffusion, codec, num_classes=num_classes, class_names=dataset.class_names,
                               per_class=args.final_samples, cfg_scale=args.final_cfg_scale, shape=shape,
-                              device=env.device, seed=args.global_seed)
+                              device=env.device, seed=args.global_seed, precision=precision)
             log.info(f"wrote {args.final_samples} EMA samples per class (DPM-Solver++ 20 steps, cfg {args.final_cfg_scale}) to {path}")
         parallel.barrier(env)
         return 0
