@@ -1,5 +1,5 @@
-"""The ``opendit`` command: ``opendit models`` lists the model configs; ``opendit train ...`` is
-scripts/dit/train.py. Sampling and evaluation commands join as they land."""
+"""The ``opendit`` command: ``opendit models`` lists the model configs; ``opendit train|sample|sample-ddp|score-digits``
+run the programs of scripts/dit/ under one name."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import argparse
 import sys
 
 import torch
+
+from opendit.errors import ArgumentParser
 
 
 def cmd_models(args) -> int:
@@ -27,24 +29,30 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_train(rest) -> int:
-    from opendit.train import main as train_main
-
-    return train_main(rest)
+# subcommand -> (module with main(argv), help): the scripts under scripts/dit/, by another name
+PROGRAMS = {
+    "train": ("opendit.train", "train a DiT (the flags of scripts/dit/train.py)"),
+    "sample": ("opendit.sample", "a grid of samples from any checkpoint (scripts/dit/sample_dit.py)"),
+    "sample-ddp": ("opendit.sample_ddp", "many samples to PNGs + an ADM .npz (scripts/dit/sample_ddp.py)"),
+    "score-digits": ("opendit.digits_eval", "score generated digits (scripts/dit/score_digits.py)"),
+}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(prog="opendit", description="Train and sample DiT with plain PyTorch.")
+    ap = ArgumentParser(prog="opendit", description="Train and sample DiT with plain PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list the model configs and their parameter counts")
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--vae_downsample", type=int, default=8, help="8 for the SD VAE latent space, 1 for pixels")
     p.add_argument("--in_channels", type=int, default=4)
     p.add_argument("--num_classes", type=int, default=1000)
-    sub.add_parser("train", help="train a DiT (the flags of scripts/dit/train.py)", add_help=False)
-    if argv and argv[0] == "train":
-        return cmd_train(argv[1:])
+    for name, (_, help_text) in PROGRAMS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if argv and argv[0] in PROGRAMS:
+        import importlib
+
+        return importlib.import_module(PROGRAMS[argv[0]][0]).main(argv[1:])
     args = ap.parse_args(argv)
     if args.image_size % args.vae_downsample:
         print(f"error: --image_size {args.image_size} is not divisible by --vae_downsample {args.vae_downsample}", file=sys.stderr)

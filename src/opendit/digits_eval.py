@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .metrics import frechet_distance_of
 
 ASSET = os.path.join(os.path.dirname(__file__), "assets", "digits_cnn.safetensors")
@@ -136,9 +136,7 @@ def score(images_u8: np.ndarray, labels: np.ndarray, classifier: DigitsCNN | Non
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Score generated digits (an ADM-format .npz from sample_ddp.py).")
+    p = ArgumentParser(description="Score generated digits (an ADM-format .npz from sample_ddp.py).")
     p.add_argument("npz")
     args = p.parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -12,3 +13,10 @@ class UserError(Exception):
 def fail(message: str, code: int = 2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad command lines reported as one line (`error: ...`) and exit code 2, without the usage dump."""
+
+    def error(self, message):
+        fail(message)

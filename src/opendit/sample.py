@@ -21,19 +21,13 @@ import torch
 from . import parallel
 from .checkpoint import load_into, load_weights
 from .diffusion import create_diffusion
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .images import labelled_grid, save_image_atomic
 from .models import DiT, DiT_models, config_from_state_dict, model_config
 from .vae import LatentCodec, load_vae, resolve_vae
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 PUBLISHED_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the published sample.py's ImageNet classes
-
-
-class ArgParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
@@ -195,7 +189,7 @@ def parse_labels(text: str | None, num_classes: int) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = ArgParser(description="Sample a grid of images from a DiT checkpoint.")
+    p = ArgumentParser(description="Sample a grid of images from a DiT checkpoint.")
     add_model_flags(p, cfg_scale=4.0)
     p.add_argument("--labels", default=None, help="comma-separated class indices (default: a fixed set)")
     p.add_argument("--out", default="sample.png", help="the grid PNG (one row per label)")

@@ -20,9 +20,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import parallel
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .images import to_uint8
-from .sample import ArgParser, add_model_flags, check_sampling_flags, clip_for, generate, load_for_sampling, to_images
+from .sample import add_model_flags, check_sampling_flags, clip_for, generate, load_for_sampling, to_images
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -56,7 +56,7 @@ def build_npz(sample_dir: str, num_samples: int, num_classes: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = ArgParser(description="Sample many images (PNGs + an ADM-format .npz) from a DiT checkpoint, on N processes.")
+    p = ArgumentParser(description="Sample many images (PNGs + an ADM-format .npz) from a DiT checkpoint, on N processes.")
     add_model_flags(p, cfg_scale=1.5)
     p.add_argument("--num_samples", type=int, default=50_000)
     p.add_argument("--per_proc_batch_size", type=int, default=32)

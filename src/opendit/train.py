@@ -14,7 +14,6 @@ batch N*B, and a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from . import parallel
 from .data import GlobalBatchPlan, build_dataset, default_image_size, plan_batches
 from .diffusion import create_diffusion
 from .ema import EMA
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .flops import dit_train_flops_per_image, model_cost_config
 from .images import labelled_grid, save_image_atomic
 from .models import AttentionBackendError, DiT_models
@@ -41,14 +40,8 @@ from .vae import load_vae, resolve_vae
 
 # ----------------------------------------------------------------------------- arguments
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's own code), no usage dump
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Train a class-conditional DiT (torchrun for several processes).")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Train a class-conditional DiT (torchrun for several processes).")
     a = p.add_argument
     a("--model", default="DiT-XL/2", help="one of opendit.models.DiT_models (DiT-XL/2 ... DiT-S/8, DiT-T/*, DiT-N/*)")
     a("--dataset", default="cifar10", help="cifar10, imagefolder or digits (scikit-learn's 8x8 digits, offline)")
