@@ -110,11 +110,13 @@ def test_ema_math():
     # closed form: ema_N = d^N p_0 + sum_{k=1..N} (1 - d) d^(N-k) p_k
     N = 5
     expected = d**N * history[0] + sum((1 - d) * d ** (N - k) * history[k] for k in range(1, N + 1))
-    torch.testing.assert_close(ema.model.weight, expected, rtol=1e-6, atol=1e-6)
-    assert not ema.model.weight.requires_grad
-    assert torch.equal(ema.model.frozen, frozen)  # frozen parameters are copied, not averaged
+    sd = ema.state_dict()
+    torch.testing.assert_close(sd["weight"], expected, rtol=1e-6, atol=1e-6)
+    assert not sd["weight"].requires_grad
+    assert torch.equal(sd["frozen"], frozen)  # frozen parameters are taken from the model, not averaged
+    assert set(sd) == {"weight", "bias", "frozen"}
     ema.update(0.0)
-    assert torch.equal(ema.model.weight, model.weight)
+    assert torch.equal(ema.state_dict()["weight"], model.weight)
 
 
 def test_final_sample_grid_and_tensorboard(tmp_path):

@@ -3,7 +3,8 @@
     <run>/epoch{E}-global_step{G}/
         model/model.safetensors    the trained weights (fp32, official key names)
         ema.pt                     the EMA weights: a plain fp32 state dict, torch.load(..., weights_only=True)
-        optimizer/optimizer.pt     the optimizer state dict (tensors and numbers only)
+        optimizer/optimizer.pt     the optimizer state, unsharded and keyed by parameter name (any plugin or world
+                                   size resumes from it; tensors and numbers only)
         running_states.json        epoch, step in epoch, global step, data position, seeds, scaler state
     <run>/latest                   the name of the newest complete checkpoint
 
@@ -140,10 +141,15 @@ def load_checkpoint(ckpt_dir: str) -> dict:
 
 def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
     """load_state_dict(strict=True) with a one-line explanation of any mismatch."""
-    own = module.state_dict()
+    check_fits({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def check_fits(own: dict, state: dict, what: str) -> None:
+    """Raise a one-line UserError unless ``state`` has exactly the keys and shapes of ``own`` (name -> shape)."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k])}" for k in own if k in state and tuple(state[k].shape) != tuple(own[k])]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -153,7 +159,6 @@ def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise UserError(f"{what} does not fit this model: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
 
 
 # ----------------------------------------------------------------------------- weights for sampling

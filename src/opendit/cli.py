@@ -35,6 +35,7 @@ PROGRAMS = {
     "sample": ("opendit.sample", "a grid of samples from any checkpoint (scripts/dit/sample_dit.py)"),
     "sample-ddp": ("opendit.sample_ddp", "many samples to PNGs + an ADM .npz (scripts/dit/sample_ddp.py)"),
     "score-digits": ("opendit.digits_eval", "score generated digits (scripts/dit/score_digits.py)"),
+    "run": ("opendit.launch", "torchrun a script on every host of a hostfile, over ssh"),
 }
 
 

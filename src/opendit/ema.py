@@ -1,29 +1,37 @@
-"""Exponential moving average of the model weights, kept in fp32: ema <- decay * ema + (1 - decay) * param."""
+"""Exponential moving average of the model weights, kept in fp32: ema <- decay * ema + (1 - decay) * param.
+
+The averages are clones of the trainable parameters, so under a sharded plugin they are sharded the same way (each rank
+keeps only its shard: no full fp32 copy per rank). ``state_dict`` gathers the whole EMA model (collective).
+"""
 
 from __future__ import annotations
 
-import copy
-
 import torch
+
+from .parallel import DistEnv, full_model_state, local
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module):
-        """Track ``model`` (an unwrapped nn.Module, whose parameters the optimizer updates in place). The EMA model
-        starts as an fp32 copy of it, frozen and in eval mode."""
-        self.model = copy.deepcopy(model).float().requires_grad_(False).eval()
-        ema_params = dict(self.model.named_parameters())
-        pairs = [(ema_params[n], p) for n, p in model.named_parameters() if p.requires_grad]
-        self._ema = [e for e, _ in pairs]
-        self._src = [p for _, p in pairs]
+    def __init__(self, module: torch.nn.Module):
+        """Track the trainable parameters of ``module`` (the unwrapped, possibly sharded model the optimizer updates),
+        starting from their current values."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.module = module
+        self.names = [n for n, _ in named]
+        self._src = [p for _, p in named]
+        self.shadow = [p.detach().clone().float() for _, p in named]
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
-        src = [p.detach().float() for p in self._src]
-        torch._foreach_lerp_(self._ema, src, 1.0 - decay)
+        torch._foreach_lerp_([local(e) for e in self.shadow], [local(p).detach().float() for p in self._src], 1.0 - decay)
 
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.model.load_state_dict(sd, strict=True)
+    def state_dict(self, env: DistEnv | None = None) -> dict:
+        """The whole EMA model as a plain fp32 state dict (the frozen entries, e.g. pos_embed, from the model), on rank 0
+        ({} elsewhere). Every rank must call it."""
+        env = env or DistEnv()
+        sd = full_model_state(self.module, env)
+        for name, t in zip(self.names, self.shadow):
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            if env.is_main:
+                sd[name] = full.detach().float().cpu()
+        return sd

@@ -99,22 +99,84 @@ def all_ranks_agree(ok: bool, env: DistEnv) -> bool:
 def check_plugin(plugin: str) -> None:
     if plugin not in PLUGINS:
         raise UserError(f"unknown --plugin {plugin!r}; choose from {', '.join(PLUGINS)}")
-    if plugin != "ddp":
-        raise UserError(f"--plugin {plugin} (sharded training) is not available yet; use --plugin ddp")
 
 
-def wrap_model(model: torch.nn.Module, plugin: str, env: DistEnv) -> torch.nn.Module:
-    """Apply the data-parallel plugin. ``ddp``: gradients all-reduced (averaged) in buckets during backward."""
+def wrap_model(model: torch.nn.Module, plugin: str, env: DistEnv, precision: "Precision | None" = None) -> torch.nn.Module:
+    """Apply the data-parallel plugin to a plain DiT (in place for the sharded ones); one process: no wrapper.
+
+    ddp    replicated weights, gradients all-reduced in buckets during backward (DistributedDataParallel)
+    zero2  FSDP2 ``fully_shard`` per block and at the root with reshard_after_forward=False: weights, gradients and
+           optimizer state sharded; each block's weights gathered once per step and kept until backward
+    fsdp   the same with reshard_after_forward=True (ZeRO-3): weights gathered again for backward
+    With a low-precision policy the gathered weights are cast to it; gradients are reduced in fp32.
+    """
     check_plugin(plugin)
     if not env.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    if plugin == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    dtype = precision.dtype if precision is not None else None
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    reshard = plugin == "fsdp"
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by this rank (local shards of sharded tensors)."""
+    return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
+
+
+def full_model_state(module: torch.nn.Module, env: DistEnv) -> dict:
+    """The whole (unsharded) fp32 state dict on rank 0's CPU; {} on other ranks. Collective."""
+    if not env.distributed:
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if env.is_main else {}
+
+
+def full_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, env: DistEnv) -> dict:
+    """The optimizer state keyed by parameter name, unsharded, on rank 0's CPU: any plugin and world size can load it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return osd if env.is_main else {}
+
+
+def load_full_model_state(module: torch.nn.Module, sd: dict, env: DistEnv) -> None:
+    """Load a whole state dict held by rank 0 (others pass {}) into a plain, replicated or sharded module."""
+    if not env.distributed:
+        module.load_state_dict(sd, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def load_full_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, osd: dict, env: DistEnv) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, opt, osd,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed))
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -230,29 +230,45 @@ def train(args) -> int:
         model = DiT_models[args.model](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                                        enable_flashattn=args.enable_flashattn, grad_checkpoint=args.grad_checkpoint)
         model = model.to(env.device)
-        ema = EMA(model)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        ddp_model = parallel.wrap_model(model, args.plugin, env, precision)  # zero2/fsdp shard `model` in place
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0,
                                 fused=env.device.type == "cuda")
         diffusion = create_diffusion(timestep_respacing="")
         class_dropout = model.y_embedder.dropout_prob
 
-        # --- resume
+        # --- resume: rank 0 reads the checkpoint; weights and optimizer state reach the others by broadcast
         epoch, epoch_offset, global_step = 0, 0, 0
         if args.load:
-            ckpt_dir = ckpt.resolve_checkpoint(args.load)
-            state = ckpt.load_checkpoint(ckpt_dir)
-            ckpt.load_into(model, state["model"], f"checkpoint {ckpt_dir} (model)")
-            ckpt.load_into(ema.model, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")
+            state, problem = {"model": {}, "ema": {}, "optimizer": {}, "running_states": None}, None
+            if env.is_main:
+                try:
+                    ckpt_dir = ckpt.resolve_checkpoint(args.load)
+                    state = ckpt.load_checkpoint(ckpt_dir)
+                    ckpt.check_fits(shapes, state["model"], f"checkpoint {ckpt_dir} (model)")
+                    ckpt.check_fits(shapes, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")
+                    state["running_states"]["dir"] = ckpt_dir
+                except UserError as e:
+                    problem = str(e)
+            problem = parallel.broadcast_object(problem, env)
+            if problem:
+                raise UserError(problem)
+            rs = parallel.broadcast_object(state["running_states"], env)
+            ckpt_dir = rs["dir"]
+            parallel.load_full_model_state(model, state["ema"], env)  # the EMA starts from ema.pt ...
+            ema = EMA(model)
+            parallel.load_full_model_state(model, state["model"], env)  # ... and the model from its own weights
             try:
-                opt.load_state_dict(state["optimizer"])
+                parallel.load_full_optimizer_state(model, opt, state["optimizer"], env)
             except (ValueError, KeyError, RuntimeError) as e:
                 raise UserError(f"checkpoint {ckpt_dir}: the optimizer state does not fit this model ({e})") from None
-            rs = state["running_states"]
             epoch, epoch_offset, global_step = rs["epoch"], rs["epoch_offset"], rs["global_step"]
             if precision.scaler is not None and rs.get("grad_scaler"):
                 precision.scaler.load_state_dict(rs["grad_scaler"])
             run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
-        ddp_model = parallel.wrap_model(model, args.plugin, env)
+            del state
+        else:
+            ema = EMA(model)
 
         # --- run directory (rank 0 creates, everyone learns its name)
         if env.is_main and run_dir is None:
@@ -289,6 +305,10 @@ def train(args) -> int:
             log.info(f"resumed from {ckpt_dir} at epoch {epoch}, global step {global_step}")
 
         def save(at_epoch: int, at_offset: int) -> None:
+            # gathered on every rank (collectives), written by rank 0
+            model_state = parallel.full_model_state(model, env)
+            ema_state = ema.state_dict(env)
+            optim_state = parallel.full_optimizer_state(model, opt, env)
             if env.is_main:
                 rs = {"epoch": at_epoch, "epoch_offset": at_offset, "global_step": global_step,
                       "step_in_epoch": at_offset // global_batch, "global_batch": global_batch,
@@ -296,8 +316,8 @@ def train(args) -> int:
                       "rng": "per-step generators seeded from (global_seed, global_step); data order from (global_seed, epoch)",
                       "grad_scaler": precision.scaler.state_dict() if precision.scaler is not None else None}
                 path = ckpt.save_checkpoint(run_dir, ckpt.checkpoint_name(at_epoch, global_step),
-                                            model_state=model.state_dict(), ema_state=ema.state_dict(),
-                                            optimizer_state=opt.state_dict(), running_states=rs, keep=args.ckpt_keep)
+                                            model_state=model_state, ema_state=ema_state,
+                                            optimizer_state=optim_state, running_states=rs, keep=args.ckpt_keep)
                 log.info(f"saved checkpoint {path}")
             parallel.barrier(env)
 
@@ -312,6 +332,7 @@ def train(args) -> int:
         loss_sum = torch.zeros((), device=env.device)
         norm_sum = torch.zeros((), device=env.device)
         n_logged, t_last, step_last = 0, time.perf_counter(), global_step
+        memory = None
         bar = tqdm(total=total_steps, initial=global_step, disable=not env.is_main, desc="train", dynamic_ncols=True)
         while global_step < total_steps:
             for x, y in plan_batches(dataset, plan, epoch, epoch_offset, args.num_workers, pin_memory=env.device.type == "cuda"):
@@ -337,12 +358,25 @@ def train(args) -> int:
                     group["lr"] = lr
                 max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm is a replicated DTensor
+                    grad_norm = grad_norm.full_tensor()
                 if precision.scaler is not None:
                     precision.scaler.step(opt)
                     precision.scaler.update()
                 else:
                     opt.step()
                 ema.update(args.ema_decay)
+                if memory is None:  # what this rank holds, after the first step
+                    memory = {"param_bytes": parallel.tensor_bytes(model.parameters()),
+                              "grad_bytes": parallel.tensor_bytes(p.grad for p in model.parameters()),
+                              "optim_bytes": parallel.tensor_bytes(v for st in opt.state.values() for v in st.values()
+                                                                   if torch.is_tensor(v))}
+                    log.info(f"rank 0 holds (plugin {args.plugin}, {env.world_size} process(es)): parameters "
+                             f"{memory['param_bytes'] / 2**20:.1f} MiB, gradients {memory['grad_bytes'] / 2**20:.1f} MiB, "
+                             f"optimizer state {memory['optim_bytes'] / 2**20:.1f} MiB")
+                    if env.is_main:
+                        with open(os.path.join(run_dir, "memory.json"), "w") as f:
+                            json.dump(dict(memory, plugin=args.plugin, world_size=env.world_size), f)
                 global_step += 1
                 epoch_offset += global_batch
                 loss_sum += loss.detach()
@@ -376,9 +410,13 @@ def train(args) -> int:
         bar.close()
         save(epoch, epoch_offset)
 
+        ema_state = ema.state_dict(env) if args.final_samples > 0 else None  # collective
         if args.final_samples > 0 and env.is_main:
             path = os.path.join(run_dir, "samples.png")
-            write_sample_grid(path, ema.model, diffusion, codec, num_classes=num_classes, class_names=dataset.class_names,
+            ema_model = DiT_models[args.model](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                                               enable_flashattn=args.enable_flashattn).to(env.device).eval()
+            ema_model.load_state_dict(ema_state)
+            write_sample_grid(path, ema_model, diffusion, codec, num_classes=num_classes, class_names=dataset.class_names,
                               per_class=args.final_samples, cfg_scale=args.final_cfg_scale, shape=shape,
                               device=env.device, seed=args.global_seed, precision=precision)
             log.info(f"wrote {args.final_samples} EMA samples per class (DPM-Solver++ 20 steps, cfg {args.final_cfg_scale}) to {path}")
