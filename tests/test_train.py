@@ -13,7 +13,7 @@ from opendit.models import DiT_models
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    common = [*TINY, "--max_steps", "6", "--log_every", "1", "--ckpt_every", "100"]
+    common = [*TINY, "--max_steps", "6", "--log_every", "1", "--ckpt_every", "100", "--plugin", "ddp"]
     two = run_train(*common, "--batch_size", "16", "--outputs", str(tmp_path / "two"), nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     one = run_train(*common, "--batch_size", "32", "--outputs", str(tmp_path / "one"))

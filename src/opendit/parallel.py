@@ -101,33 +101,54 @@ def check_plugin(plugin: str) -> None:
         raise UserError(f"unknown --plugin {plugin!r}; choose from {', '.join(PLUGINS)}")
 
 
-def wrap_model(model: torch.nn.Module, plugin: str, env: DistEnv, precision: "Precision | None" = None) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, plugin: str, env: DistEnv, precision: "Precision | None" = None,
+               reduce_dtype: str = "fp32") -> torch.nn.Module:
     """Apply the data-parallel plugin to a plain DiT (in place for the sharded ones); one process: no wrapper.
 
     ddp    replicated weights, gradients all-reduced in buckets during backward (DistributedDataParallel)
     zero2  FSDP2 ``fully_shard`` per block and at the root with reshard_after_forward=False: weights, gradients and
            optimizer state sharded; each block's weights gathered once per step and kept until backward
     fsdp   the same with reshard_after_forward=True (ZeRO-3): weights gathered again for backward
-    With a low-precision policy the gathered weights are cast to it; gradients are reduced in fp32.
+    With a low-precision policy the gathered weights are cast to it; gradients are reduced in fp32 unless
+    ``reduce_dtype`` is "bf16" (half the gradient traffic, a bf16 rounding of every reduced gradient).
     """
     check_plugin(plugin)
+    if reduce_dtype not in ("fp32", "bf16"):
+        raise UserError(f"unknown gradient reduce dtype {reduce_dtype!r}; choose fp32 or bf16")
     if not env.distributed:
         return model
     if plugin == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if reduce_dtype == "bf16":
+            ddp.register_comm_hook(env.world_size, _bf16_allreduce_hook)
+        return ddp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     dtype = precision.dtype if precision is not None else None
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    reduce = torch.bfloat16 if reduce_dtype == "bf16" else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
     reshard = plugin == "fsdp"
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     return model
+
+
+def _bf16_allreduce_hook(world_size: int, bucket):
+    """DDP communication hook: average a gradient bucket in bf16 (NCCL and gloo alike), back to fp32 after."""
+    buf = bucket.buffer()
+    low = buf.to(torch.bfloat16).div_(world_size)
+    fut = dist.all_reduce(low, async_op=True).get_future()
+
+    def back(f):
+        buf.copy_(f.value()[0])
+        return buf
+
+    return fut.then(back)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -64,7 +64,11 @@ def build_parser() -> ArgumentParser:
     a("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (0 = all)")
     a("--outputs", default="./outputs", help="run directories are created here as NNN-<model>")
     a("--load", default=None, help="resume: a checkpoint directory, or a run directory (its latest checkpoint)")
-    a("--plugin", default="ddp", choices=parallel.PLUGINS, help="data parallelism (ddp; zero2/fsdp: sharded, coming)")
+    a("--plugin", default="zero2", choices=parallel.PLUGINS,
+      help="zero2: FSDP2, weights gathered once per step, gradients and optimizer state sharded; fsdp: full sharding "
+           "(ZeRO-3); ddp: replicated (one process: no wrapper)")
+    a("--grad_reduce_dtype", default="fp32", choices=["fp32", "bf16"],
+      help="dtype of the gradient all-reduce / reduce-scatter across processes")
     a("--mixed_precision", default="bf16", choices=list(parallel.PRECISIONS), help="autocast dtype (fp32 master weights)")
     a("--grad_checkpoint", action="store_true", help="recompute each block in the backward pass (less memory)")
     a("--enable_flashattn", action="store_true", help="flash / cuDNN attention only (CUDA, bf16/fp16)")
@@ -231,7 +235,7 @@ def train(args) -> int:
                                        enable_flashattn=args.enable_flashattn, grad_checkpoint=args.grad_checkpoint)
         model = model.to(env.device)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        ddp_model = parallel.wrap_model(model, args.plugin, env, precision)  # zero2/fsdp shard `model` in place
+        ddp_model = parallel.wrap_model(model, args.plugin, env, precision, args.grad_reduce_dtype)  # zero2/fsdp: in place
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0,
                                 fused=env.device.type == "cuda")
         diffusion = create_diffusion(timestep_respacing="")
