@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from opendit.diffusion import create_diffusion  # noqa: E402
-from opendit.flops import dit_forward_macs, dit_train_flops_per_image, model_cost_config  # noqa: E402
+from opendit.flops import dit_train_flops_per_image, model_cost_config  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 
 # Dense bf16 peak of the chip, the usual MFU denominator (spec sheet, SXM parts).

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, only_run_dir, run_train
+from helpers import only_run_dir, run_train
 from opendit.data import GlobalBatchPlan, ImageFolder, load_cifar10, load_digits_dataset, plan_batches
 from opendit.data import datasets as ds
 from opendit.data.transforms import adm_center_crop

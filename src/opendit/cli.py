@@ -3,7 +3,6 @@ run the programs of scripts/dit/ under one name."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch

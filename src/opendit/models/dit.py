@@ -15,7 +15,6 @@ explicit softmax(QK^T/sqrt(hd))V reference used in tests.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import partial
 
