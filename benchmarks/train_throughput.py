@@ -71,13 +71,17 @@ class Trainer:
             input_size=latent, in_channels=4, num_classes=args.num_classes,
             attention_impl=("flash" if (fast and device.type == "cuda") else ("sdpa" if fast else "eager")),
             grad_checkpoint=args.grad_checkpoint and fast,
+            enable_modulate_kernel=args.modulate_kernel and fast,
         ).to(device)
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ema_params = [e for e, p in zip(self.ema.parameters(), model.parameters()) if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0, fused=(fast and device.type == "cuda"))
         self.model = model
-        self.forward = torch.compile(model) if (fast and args.compile) else model
+        if fast and args.compile:  # per block, as the trainer's --compile does
+            for block in model.blocks:
+                block.compile()
+        self.forward = model
         self.diffusion = create_diffusion("")
         low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.fast_dtype or ("bf16" if device.type == "cuda" else "fp32")]
         self.autocast = torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=fast and low is not None)
@@ -208,7 +212,7 @@ def append_markdown(args, device, train_rows, sample_rows):
                   "measured in the same run.", ""]
     settings = (f"{args.model} @{args.image_size}px (latents), steps={args.steps}, warmup={args.warmup}, "
                 f"fast dtype={args.fast_dtype or ('bf16' if device.type == 'cuda' else 'fp32')}, "
-                f"compile={args.compile}, grad_checkpoint={args.grad_checkpoint}")
+                f"compile={args.compile}, grad_checkpoint={args.grad_checkpoint}, modulate_kernel={args.modulate_kernel}")
     lines += [f"## {stamp} — {device_name(device)}, torch {torch.__version__}", "", settings, ""]
     if train_rows:
         lines += ["| batch | config | step ms | img/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
@@ -243,6 +247,7 @@ def main(argv=None):
                     help="autocast dtype of the fast config (default bf16 on CUDA, fp32 on CPU, where bf16 matmuls are slow)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--grad_checkpoint", action="store_true")
+    ap.add_argument("--modulate_kernel", action="store_true", help="fast config: the fused Triton LayerNorm+modulate")
     ap.add_argument("--no_train", action="store_true")
     ap.add_argument("--sample", action="store_true", help="also run the sampling benchmark")
     ap.add_argument("--sample_batch", type=int, default=32)

@@ -72,6 +72,9 @@ def build_parser() -> ArgumentParser:
     a("--mixed_precision", default="bf16", choices=list(parallel.PRECISIONS), help="autocast dtype (fp32 master weights)")
     a("--grad_checkpoint", action="store_true", help="recompute each block in the backward pass (less memory)")
     a("--enable_flashattn", action="store_true", help="flash / cuDNN attention only (CUDA, bf16/fp16)")
+    a("--enable_layernorm_kernel", action="store_true", help="Triton LayerNorm (CUDA)")
+    a("--enable_modulate_kernel", action="store_true", help="Triton LayerNorm fused with the adaLN modulation (CUDA)")
+    a("--compile", action="store_true", help="torch.compile each transformer block")
     a("--vae", default="auto", help="auto (pixels up to 64 px, else ema), ema, mse, none, or a diffusers AutoencoderKL folder")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--final_samples", type=int, default=0, help="after training, write samples.png with this many EMA samples per class")
@@ -228,12 +231,22 @@ def train(args) -> int:
             raise UserError("--enable_flashattn needs a CUDA GPU (flash / cuDNN attention); drop the flag on a CPU")
         if args.enable_flashattn and precision.dtype is None:
             raise UserError("--enable_flashattn needs --mixed_precision bf16 or fp16")
+        if args.enable_layernorm_kernel or args.enable_modulate_kernel:
+            from .kernels import kernels_available
+
+            if (why := kernels_available(env.device)) is not None:
+                raise UserError(f"--enable_layernorm_kernel / --enable_modulate_kernel: {why}")
 
         # --- model, EMA, optimizer, diffusion
         torch.manual_seed(args.global_seed)  # identical initial weights on every rank
         model = DiT_models[args.model](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                                       enable_flashattn=args.enable_flashattn, grad_checkpoint=args.grad_checkpoint)
+                                       enable_flashattn=args.enable_flashattn, grad_checkpoint=args.grad_checkpoint,
+                                       enable_layernorm_kernel=args.enable_layernorm_kernel,
+                                       enable_modulate_kernel=args.enable_modulate_kernel)
         model = model.to(env.device)
+        if args.compile:
+            for block in model.blocks:  # per block: small graphs, no graph break inside a block
+                block.compile()
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         ddp_model = parallel.wrap_model(model, args.plugin, env, precision, args.grad_reduce_dtype)  # zero2/fsdp: in place
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0,

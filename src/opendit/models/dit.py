@@ -213,11 +213,28 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+NORM_IMPLS = ("torch", "layernorm_kernel", "modulate_kernel")
+
+
+def norm_and_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, impl: str) -> torch.Tensor:
+    """modulate(norm(x), shift, scale) through torch, the Triton LayerNorm, or the fused Triton LayerNorm+modulate."""
+    if impl == "modulate_kernel":
+        from ..kernels import norm_modulate
+
+        return norm_modulate(x, shift, scale, norm.eps)
+    if impl == "layernorm_kernel":
+        from ..kernels import layer_norm
+
+        return modulate(layer_norm(x, norm.eps), shift, scale)
+    return modulate(norm(x), shift, scale)
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning on c (N, D)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attention_impl: str = "sdpa"):
         super().__init__()
+        self.norm_impl = "torch"
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, impl=attention_impl)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -226,8 +243,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_msa.unsqueeze(1) * self.attn(norm_and_modulate(self.norm1, x, shift_msa, scale_msa, self.norm_impl))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(norm_and_modulate(self.norm2, x, shift_mlp, scale_mlp, self.norm_impl))
         return x
 
 
@@ -239,10 +256,11 @@ class FinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.norm_impl = "torch"
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_and_modulate(self.norm_final, x, shift, scale, self.norm_impl))
 
 
 # ----------------------------------------------------------------------------- DiT
@@ -266,6 +284,8 @@ class DiT(nn.Module):
         *,
         enable_flashattn: bool = False,
         grad_checkpoint: bool = False,
+        enable_layernorm_kernel: bool = False,
+        enable_modulate_kernel: bool = False,
         attention_impl: str | None = None,
     ):
         super().__init__()
@@ -293,6 +313,10 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        if enable_modulate_kernel:
+            self.set_norm_impl("modulate_kernel")
+        elif enable_layernorm_kernel:
+            self.set_norm_impl("layernorm_kernel")
 
     # -- options applied from outside
     @property
@@ -304,6 +328,14 @@ class DiT(nn.Module):
             raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
         for block in self.blocks:
             block.attn.impl = impl
+        return self
+
+    def set_norm_impl(self, impl: str) -> "DiT":
+        """"torch", "layernorm_kernel" (Triton LayerNorm) or "modulate_kernel" (Triton LayerNorm fused with modulate)."""
+        if impl not in NORM_IMPLS:
+            raise ValueError(f"unknown norm implementation {impl!r}; choose from {NORM_IMPLS}")
+        for m in [*self.blocks, self.final_layer]:
+            m.norm_impl = impl
         return self
 
     def initialize_weights(self) -> None:
