@@ -1,5 +1,7 @@
 """Fused kernels (Triton) and their torch references."""
 
+from .gated_residual import gated_residual, gated_residual_reference
 from .norm_modulate import kernels_available, layer_norm, norm_modulate, norm_modulate_reference
 
-__all__ = ["kernels_available", "layer_norm", "norm_modulate", "norm_modulate_reference"]
+__all__ = ["gated_residual", "gated_residual_reference", "kernels_available", "layer_norm", "norm_modulate",
+           "norm_modulate_reference"]

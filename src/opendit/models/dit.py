@@ -243,9 +243,17 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(norm_and_modulate(self.norm1, x, shift_msa, scale_msa, self.norm_impl))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(norm_and_modulate(self.norm2, x, shift_mlp, scale_mlp, self.norm_impl))
+        x = self.residual(x, gate_msa, self.attn(norm_and_modulate(self.norm1, x, shift_msa, scale_msa, self.norm_impl)))
+        x = self.residual(x, gate_mlp, self.mlp(norm_and_modulate(self.norm2, x, shift_mlp, scale_mlp, self.norm_impl)))
         return x
+
+    def residual(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x + gate * y (per sample); one fused Triton pass with the modulate kernel."""
+        if self.norm_impl == "modulate_kernel":
+            from ..kernels import gated_residual
+
+            return gated_residual(x, gate, y)
+        return x + gate.unsqueeze(1) * y
 
 
 class FinalLayer(nn.Module):
@@ -331,7 +339,8 @@ class DiT(nn.Module):
         return self
 
     def set_norm_impl(self, impl: str) -> "DiT":
-        """"torch", "layernorm_kernel" (Triton LayerNorm) or "modulate_kernel" (Triton LayerNorm fused with modulate)."""
+        """"torch", "layernorm_kernel" (Triton LayerNorm) or "modulate_kernel" (Triton LayerNorm fused with modulate,
+        and the fused gated residual)."""
         if impl not in NORM_IMPLS:
             raise ValueError(f"unknown norm implementation {impl!r}; choose from {NORM_IMPLS}")
         for m in [*self.blocks, self.final_layer]:
