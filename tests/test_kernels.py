@@ -49,6 +49,7 @@ def test_norm_modulate_matches_reference(B, T, D, dtype):
     check(B, T, D, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,D,dtype", [(1, 1152, torch.float32), (2, 384, torch.bfloat16), (3, 384, torch.float32), (5, 384, torch.float32)])
 def test_norm_modulate_256_tokens(B, D, dtype):
     check(B, 256, D, dtype)

@@ -15,6 +15,8 @@ from opendit.checkpoint import list_checkpoints
 from opendit.errors import UserError
 from opendit.launch import parse_hostfile
 
+pytestmark = pytest.mark.slow  # ~2 minutes of 2-process runs
+
 STEPS = ["--max_steps", "10", "--log_every", "1", "--ckpt_every", "5", "--ckpt_keep", "0"]
 
 
