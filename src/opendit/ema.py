@@ -20,10 +20,13 @@ class EMA:
         self.names = [n for n, _ in named]
         self._src = [p for _, p in named]
         self.shadow = [p.detach().clone().float() for _, p in named]
+        # local shards (views sharing storage) taken once: the optimizer updates these tensors in place
+        self._src_local = [local(p).detach() for p in self._src]
+        self._shadow_local = [local(e) for e in self.shadow]
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
-        torch._foreach_lerp_([local(e) for e in self.shadow], [local(p).detach().float() for p in self._src], 1.0 - decay)
+        torch._foreach_lerp_(self._shadow_local, self._src_local, 1.0 - decay)
 
     def state_dict(self, env: DistEnv | None = None) -> dict:
         """The whole EMA model as a plain fp32 state dict (the frozen entries, e.g. pos_embed, from the model), on rank 0

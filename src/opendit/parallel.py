@@ -87,15 +87,6 @@ def broadcast_object(obj, env: DistEnv, src: int = 0):
     return box[0]
 
 
-def all_ranks_agree(ok: bool, env: DistEnv) -> bool:
-    """True on every rank iff ``ok`` is True on every rank."""
-    if not env.distributed:
-        return ok
-    t = torch.tensor([0 if ok else 1], device=env.device if env.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item()) == 0
-
-
 def check_plugin(plugin: str) -> None:
     if plugin not in PLUGINS:
         raise UserError(f"unknown --plugin {plugin!r}; choose from {', '.join(PLUGINS)}")
@@ -149,10 +140,6 @@ def _bf16_allreduce_hook(world_size: int, bucket):
         return buf
 
     return fut.then(back)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

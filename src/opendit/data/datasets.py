@@ -203,7 +203,7 @@ def build_dataset(name: str, data_path: str, image_size: int | None):
     if name == "cifar10":
         return load_cifar10(data_path, image_size)
     if name == "imagefolder":
-        return ImageFolder(data_path, image_size or 256)
+        return ImageFolder(data_path, image_size or default_image_size(name))
     raise UserError(f"unknown dataset {name!r}; choose digits, cifar10 or imagefolder")
 
 

@@ -45,6 +45,7 @@ _TABLE_NAMES = (
     "log_betas",
     "alphas_cumprod",
     "alphas_cumprod_prev",
+    "alphas_cumprod_next",
     "one_minus_alphas_cumprod",
     "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod",
@@ -96,6 +97,7 @@ class GaussianDiffusion:
             "log_betas": torch.log(betas),
             "alphas_cumprod": abar,
             "alphas_cumprod_prev": abar_prev,
+            "alphas_cumprod_next": torch.cat([abar[1:], abar.new_zeros(1)]),
             "one_minus_alphas_cumprod": 1.0 - abar,
             "sqrt_alphas_cumprod": abar.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1.0 - abar).sqrt(),
@@ -130,15 +132,22 @@ class GaussianDiffusion:
         # Coefficients are float32 (float64 for float64 data): low-precision samples are promoted.
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
+    @staticmethod
+    def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(N,) -> (N, 1, ..., 1) to broadcast against x."""
+        return v.view(-1, *([1] * (x.ndim - 1)))
+
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """tables[name][t] shaped (N, 1, ..., 1) to broadcast against x."""
-        v = self.tables(x.device, self._table_dtype(x))[name][t]
-        return v.view(t.shape[0], *([1] * (x.ndim - 1)))
+        return self._bcast(self.tables(x.device, self._table_dtype(x))[name][t], x)
+
+    def _model_t(self, t: torch.Tensor) -> torch.Tensor:
+        """This process's step index -> the original-scale step index the model is called with."""
+        return self.tables(t.device)["timestep_map"][t]
 
     def _call_model(self, model: Callable, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None):
         """Run the model at this process's step t, passing the original-scale step index."""
-        t_model = self.tables(x.device, self._table_dtype(x))["timestep_map"][t]
-        return model(x, t_model, **(model_kwargs or {}))
+        return model(x, self._model_t(t), **(model_kwargs or {}))
 
     # ------------------------------------------------------------------ forward process
 
@@ -222,14 +231,14 @@ class GaussianDiffusion:
 
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Shift the mean by variance * grad log p(y|x) (classifier guidance)."""
-        gradient = cond_fn(x, self.tables(x.device)["timestep_map"][t], **(model_kwargs or {}))
+        gradient = cond_fn(x, self._model_t(t), **(model_kwargs or {}))
         return p_mean_var["mean"] + p_mean_var["variance"] * gradient
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Score-based conditioning for DDIM: eps <- eps - sqrt(1 - abar) * grad log p(y|x)."""
         abar = self._extract("alphas_cumprod", t, x)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - abar).sqrt() * cond_fn(x, self.tables(x.device)["timestep_map"][t], **(model_kwargs or {}))
+        eps = eps - (1 - abar).sqrt() * cond_fn(x, self._model_t(t), **(model_kwargs or {}))
         out = dict(p_mean_var)
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
@@ -241,7 +250,7 @@ class GaussianDiffusion:
         noise = torch.randn_like(x)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        nonzero = self._bcast((t != 0).to(x.dtype), x)
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
@@ -290,7 +299,7 @@ class GaussianDiffusion:
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         noise = torch.randn_like(x)
         mean_pred = out["pred_xstart"] * abar_prev.sqrt() + torch.sqrt(1 - abar_prev - sigma**2) * eps
-        nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        nonzero = self._bcast((t != 0).to(x.dtype), x)
         return {"sample": mean_pred + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0) -> dict:
@@ -299,8 +308,7 @@ class GaussianDiffusion:
             raise ValueError("reverse DDIM is only defined for eta == 0")
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        abar_next = self.tables(x.device, self._table_dtype(x))["alphas_cumprod"]
-        abar_next = torch.cat([abar_next[1:], abar_next.new_zeros(1)])[t].view(-1, *([1] * (x.ndim - 1)))
+        abar_next = self._extract("alphas_cumprod_next", t, x)
         sample = out["pred_xstart"] * abar_next.sqrt() + (1 - abar_next).sqrt() * eps
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
