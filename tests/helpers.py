@@ -20,11 +20,11 @@ def run(args, env_extra=None, timeout=300):
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
-def run_train(*args, nproc: int = 1, **kw):
+def run_train(*args, nproc: int = 1, env_extra=None, **kw):
     if nproc == 1:
-        return run([sys.executable, TRAIN, *args], **kw)
+        return run([sys.executable, TRAIN, *args], env_extra=env_extra, **kw)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return run([*torchrun, TRAIN, *args], env_extra={"OMP_NUM_THREADS": "1"}, **kw)
+    return run([*torchrun, TRAIN, *args], env_extra={"OMP_NUM_THREADS": "1", **(env_extra or {})}, **kw)
 
 
 def only_run_dir(outputs) -> str:
@@ -38,5 +38,5 @@ def read_metrics(run_dir) -> dict:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
-            out[row["step"]] = row
+            out.setdefault(row["step"], {}).update(row)  # evaluation rows add to the step's training row
     return out

@@ -147,12 +147,13 @@ def test_imagefolder_reads_odd_grayscale_rgba_palette(tmp_path):
     assert len(data) == 6  # notes.txt is not an image
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 2]
     for i in range(len(data)):
-        x, y = data[(i, False)]
+        x, y, problems = data[(i, False)]
+        assert problems == "" and y == data.labels[i]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32
         assert x.min() >= -1 and x.max() <= 1
-        xf, _ = data[(i, True)]
+        xf, _, _ = data[(i, True)]
         torch.testing.assert_close(xf, x.flip(-1))
-    gray, _ = data[(1, False)]  # a grayscale image becomes three equal channels
+    gray, _, _ = data[(1, False)]  # a grayscale image becomes three equal channels
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 

@@ -75,7 +75,11 @@ def test_checkpoint_layout(tmp_path):
     assert ckpts == ["epoch0-global_step4", "epoch0-global_step6"]  # keep the last 2
     assert open(os.path.join(run_dir, "latest")).read().strip() == "epoch0-global_step6"
     c = os.path.join(run_dir, ckpts[-1])
-    assert sorted(os.listdir(c)) == ["ema.pt", "model", "optimizer", "running_states.json"]
+    assert sorted(os.listdir(c)) == ["ema.pt", "manifest.json", "model", "optimizer", "running_states.json"]
+    manifest = json.load(open(os.path.join(c, "manifest.json")))["files"]
+    assert sorted(manifest) == ["ema.pt", "model/model.safetensors", "optimizer/optimizer.pt", "running_states.json"]
+    for rel, entry in manifest.items():
+        assert os.path.getsize(os.path.join(c, rel)) == entry["bytes"] and len(entry["sha256"]) == 64
     ema = torch.load(os.path.join(c, "ema.pt"), weights_only=True)  # a plain fp32 state dict
     model = DiT_models["DiT-N/2"](input_size=8, in_channels=1, num_classes=10)
     assert list(ema) == list(model.state_dict())

@@ -6,23 +6,29 @@
         optimizer/optimizer.pt     the optimizer state, unsharded and keyed by parameter name (any plugin or world
                                    size resumes from it; tensors and numbers only)
         running_states.json        epoch, step in epoch, global step, data position, seeds, scaler state
+        manifest.json              size and SHA-256 of every file above (written last)
     <run>/latest                   the name of the newest complete checkpoint
 
-A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a
-half-written checkpoint under a real name. Everything loads without executing pickled code.
+A checkpoint is written under a temporary name, flushed to disk and renamed when complete, so a crash (even SIGKILL
+mid-write) never leaves a half-written checkpoint under a real name and ``latest`` always names a complete one. On
+resume the manifest is checked; a truncated or corrupt checkpoint of a run directory is reported and the newest intact
+one is used instead. Everything loads without executing pickled code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .errors import UserError
 
 CKPT_RE = re.compile(r"^epoch(\d+)-global_step(\d+)$")
@@ -30,7 +36,13 @@ MODEL_FILE = os.path.join("model", "model.safetensors")
 EMA_FILE = "ema.pt"
 OPTIM_FILE = os.path.join("optimizer", "optimizer.pt")
 STATE_FILE = "running_states.json"
+MANIFEST = "manifest.json"
 LATEST = "latest"
+MANIFEST_FORMAT = "opendit-checkpoint-manifest-v1"
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files are missing, truncated or altered (a run directory falls back to an older one)."""
 
 
 def checkpoint_name(epoch: int, global_step: int) -> str:
@@ -54,23 +66,77 @@ def list_checkpoints(run_dir: str) -> list[str]:
 
 
 def resolve_checkpoint(path: str, flag: str = "--load") -> str:
-    """A checkpoint directory, or a run directory meaning its latest checkpoint."""
+    """A checkpoint directory, or a run directory meaning its latest checkpoint (no integrity check: see
+    ``find_resumable``)."""
+    return _candidates(path, flag)[0]
+
+
+def _candidates(path: str, flag: str) -> list[str]:
+    """Checkpoints to try for ``path``, best first: the directory itself, or a run's ``latest`` then newest to oldest."""
     if not os.path.exists(path):
         raise UserError(f"{flag} {path}: no such file or directory")
     if is_checkpoint_dir(path):
-        return path
+        return [path]
     if not os.path.isdir(path):
         raise UserError(f"{flag} {path}: expected a checkpoint directory (epochE-global_stepG/) or a run directory")
+    ckpts = list_checkpoints(path)[::-1]
     pointer = os.path.join(path, LATEST)
     if os.path.isfile(pointer):
         with open(pointer) as f:
             name = f.read().strip()
-        if name and is_checkpoint_dir(os.path.join(path, name)):
-            return os.path.join(path, name)
-    ckpts = list_checkpoints(path)
+        target = os.path.join(path, name)
+        if name and target in ckpts:
+            ckpts = [target] + [c for c in ckpts if c != target]
     if not ckpts:
         raise UserError(f"{flag} {path}: no checkpoint in this directory")
-    return ckpts[-1]
+    return ckpts
+
+
+def find_resumable(path: str, flag: str = "--load") -> tuple[str, dict, list[str]]:
+    """(checkpoint directory, its loaded state, warnings) for ``path``. A checkpoint directory must be intact (else a
+    one-line error); for a run directory, corrupt checkpoints are skipped (each with a warning) for the newest intact
+    one."""
+    candidates = _candidates(path, flag)
+    warnings = []
+    for c in candidates:
+        try:
+            return c, load_checkpoint(c), warnings
+        except CorruptCheckpoint as e:
+            if len(candidates) == 1 and is_checkpoint_dir(path):
+                raise
+            warnings.append(f"skipping {c}: {e}")
+    raise CorruptCheckpoint(f"{flag} {path}: every checkpoint is corrupt ({warnings[0] if warnings else ''})")
+
+
+def find_auto_resume(outputs: str, model_name: str) -> str | None:
+    """For ``--load auto``: the newest run directory of ``model_name`` under ``outputs`` that has a checkpoint."""
+    if not os.path.isdir(outputs):
+        return None
+    suffix = "-" + model_name.replace("/", "-")
+    runs = []
+    for d in os.listdir(outputs):
+        m = re.match(r"^(\d{3,})-(.+)$", d)
+        if m and "-" + m.group(2) == suffix and list_checkpoints(os.path.join(outputs, d)):
+            runs.append((int(m.group(1)), d))
+    return os.path.join(outputs, max(runs)[1]) if runs else None
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic_text(path: str, text: str) -> None:
@@ -82,55 +148,131 @@ def _write_atomic_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_manifest(ckpt_dir: str) -> None:
+    """Record the size and SHA-256 of every file of ``ckpt_dir`` (fsyncing each) in manifest.json."""
+    files = {}
+    for root, _, names in os.walk(ckpt_dir):
+        for n in sorted(names):
+            full = os.path.join(root, n)
+            rel = os.path.relpath(full, ckpt_dir).replace(os.sep, "/")
+            if rel == MANIFEST:
+                continue
+            _fsync_path(full)
+            files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+    _write_atomic_text(os.path.join(ckpt_dir, MANIFEST), json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
+
+
+def verify_manifest(ckpt_dir: str, only: tuple[str, ...] | None = None) -> bool:
+    """Check the files of ``ckpt_dir`` (or just ``only``) against its manifest: raise CorruptCheckpoint on a missing,
+    truncated or altered file. False when the checkpoint has no manifest (written before manifests existed)."""
+    path = os.path.join(ckpt_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"checkpoint {ckpt_dir}: {MANIFEST} is unreadable ({e})") from None
+    for rel, want in files.items():
+        if only is not None and rel not in only:
+            continue
+        full = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(full):
+            raise CorruptCheckpoint(f"checkpoint {ckpt_dir} is incomplete: {rel} is missing")
+        size = os.path.getsize(full)
+        if size != want["bytes"]:
+            raise CorruptCheckpoint(f"checkpoint {ckpt_dir} is corrupt: {rel} has {size} bytes, the manifest says "
+                                    f"{want['bytes']} (truncated?)")
+        if _sha256(full) != want["sha256"]:
+            raise CorruptCheckpoint(f"checkpoint {ckpt_dir} is corrupt: {rel} fails its SHA-256 check")
+    return True
+
+
+def remove_stale_partials(run_dir: str) -> list[str]:
+    """Delete what an interrupted save left behind (.tmp-*/.old-* directories, latest.tmp); returns their names."""
+    if not os.path.isdir(run_dir):
+        return []
+    gone = []
+    for name in os.listdir(run_dir):
+        if name.startswith((".tmp-", ".old-")) or name == LATEST + ".tmp":
+            full = os.path.join(run_dir, name)
+            shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+            gone.append(name)
+    return gone
+
+
 def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: dict, optimizer_state: dict,
                     running_states: dict, keep: int = 0) -> str:
     """Write a complete checkpoint (called on one rank). ``keep`` > 0 deletes all but the newest ``keep``."""
+    remove_stale_partials(run_dir)
     final = os.path.join(run_dir, name)
     tmp = os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
     os.makedirs(os.path.join(tmp, "model"))
     os.makedirs(os.path.join(tmp, "optimizer"))
     save_file({k: v.detach().float().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
+    if m := CKPT_RE.match(name):
+        faults.maybe_kill_in_save(int(m.group(2)))
     torch.save({k: v.detach().float().cpu() for k, v in ema_state.items()}, os.path.join(tmp, EMA_FILE))
     torch.save(optimizer_state, os.path.join(tmp, OPTIM_FILE))
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump(running_states, f, indent=2)
+    write_manifest(tmp)
+    for d in (tmp, os.path.join(tmp, "model"), os.path.join(tmp, "optimizer")):
+        _fsync_path(d)
+    old = None
     if os.path.exists(final):  # the same step saved again (e.g. the final save right after a periodic one)
-        shutil.rmtree(final)
+        old = os.path.join(run_dir, f".old-{name}-{os.getpid()}")
+        os.replace(final, old)
     os.replace(tmp, final)
     _write_atomic_text(os.path.join(run_dir, LATEST), name + "\n")
+    _fsync_path(run_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _refusal(path: str, e: Exception) -> str:
+    m = re.search(r"GLOBAL (\S+)", str(e))
+    what = f"it calls or builds {m.group(1)}" if m else "objects other than tensors"
+    return (f"refusing to load {path}: it is a pickle that carries more than tensors ({what}), and only weights_only "
+            f"loads are allowed because unpickling can run arbitrary code; export its state dict to a bare .pt or "
+            f".safetensors file with code you trust")
 
 
 def _torch_load_safe(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint file {path} is missing") from None
-    except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError/EOFError for truncation
-        raise UserError(f"cannot load {path} safely ({str(e).splitlines()[0][:160]})") from None
+        raise CorruptCheckpoint(f"checkpoint file {path} is missing") from None
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(_refusal(path, e)) from None
+        raise CorruptCheckpoint(f"cannot load {path} ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # RuntimeError/EOFError for truncation
+        raise CorruptCheckpoint(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:160]})") from None
 
 
 def load_checkpoint(ckpt_dir: str) -> dict:
-    """{"model", "ema", "optimizer", "running_states"} of a checkpoint directory, on the CPU."""
+    """{"model", "ema", "optimizer", "running_states"} of a checkpoint directory, on the CPU, after checking its
+    manifest. Integrity problems raise CorruptCheckpoint, a pickle carrying code a plain UserError."""
+    verify_manifest(ckpt_dir)
     try:
         model = load_file(os.path.join(ckpt_dir, MODEL_FILE))
     except FileNotFoundError:
-        raise UserError(f"checkpoint {ckpt_dir} has no {MODEL_FILE}") from None
+        raise CorruptCheckpoint(f"checkpoint {ckpt_dir} has no {MODEL_FILE}") from None
     except Exception as e:  # safetensors' SafetensorError, OSError
-        raise UserError(f"checkpoint {ckpt_dir}: {MODEL_FILE} is corrupt or truncated ({e})") from None
+        raise CorruptCheckpoint(f"checkpoint {ckpt_dir}: {MODEL_FILE} is corrupt or truncated ({e})") from None
     try:
         with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
             states = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint {ckpt_dir}: {STATE_FILE} is unreadable ({e})") from None
+        raise CorruptCheckpoint(f"checkpoint {ckpt_dir}: {STATE_FILE} is unreadable ({e})") from None
     for key in ("epoch", "global_step", "epoch_offset"):
         if not isinstance(states.get(key), int):
-            raise UserError(f"checkpoint {ckpt_dir}: {STATE_FILE} has no integer {key!r}")
+            raise CorruptCheckpoint(f"checkpoint {ckpt_dir}: {STATE_FILE} has no integer {key!r}")
     return {
         "model": model,
         "ema": _torch_load_safe(os.path.join(ckpt_dir, EMA_FILE)),
@@ -175,11 +317,7 @@ def _load_weights_file(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(
-            f"refusing to load {path}: it is a pickle that carries more than tensors (code or Python objects such as "
-            f"argparse.Namespace), and only weights_only loads are allowed; export its state dict to a bare .pt or "
-            f".safetensors file with code you trust ({str(e).splitlines()[0][:120]})"
-        ) from None
+        raise UserError(_refusal(path, e)) from None
     except Exception as e:  # truncated or not a torch file
         raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
@@ -212,6 +350,15 @@ def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str,
         return _load_weights_file(path), path, cfg
     if os.path.isfile(os.path.join(path, "model.safetensors")):  # epochXX-global_stepXX/model
         return _load_weights_file(os.path.join(path, "model.safetensors")), path, run_config_for(os.path.dirname(path))
-    ckpt_dir = resolve_checkpoint(path, flag="--ckpt")
-    file = os.path.join(ckpt_dir, MODEL_FILE if use_model_weights else EMA_FILE)
-    return _load_weights_file(file), file, run_config_for(ckpt_dir)
+    rel = MODEL_FILE if use_model_weights else EMA_FILE
+    candidates = _candidates(path, "--ckpt")
+    for ckpt_dir in candidates:  # a run directory: the newest checkpoint whose weights file passes its manifest
+        try:
+            verify_manifest(ckpt_dir, only=(rel.replace(os.sep, "/"),))
+        except CorruptCheckpoint as e:
+            if ckpt_dir == candidates[-1]:
+                raise
+            print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+            continue
+        file = os.path.join(ckpt_dir, rel)
+        return _load_weights_file(file), file, run_config_for(ckpt_dir)

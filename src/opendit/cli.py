@@ -1,5 +1,5 @@
-"""The ``opendit`` command: ``opendit models`` lists the model configs; ``opendit train|sample|sample-ddp|score-digits``
-run the programs of scripts/dit/ under one name."""
+"""The ``opendit`` command: ``opendit models`` lists the model configs; ``opendit train|sample|sample-ddp|score-digits|
+eval|convert`` run the programs of scripts/dit/ under one name."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ PROGRAMS = {
     "sample": ("opendit.sample", "a grid of samples from any checkpoint (scripts/dit/sample_dit.py)"),
     "sample-ddp": ("opendit.sample_ddp", "many samples to PNGs + an ADM .npz (scripts/dit/sample_ddp.py)"),
     "score-digits": ("opendit.digits_eval", "score generated digits (scripts/dit/score_digits.py)"),
+    "extract-features": ("opendit.extract_features", "VAE posteriors of a data set for --dataset latents"),
+    "eval": ("opendit.evaluate", "FID / IS / KID of samples against a reference (scripts/dit/evaluate.py)"),
+    "convert": ("opendit.convert", "convert weights between opendit, published .pt, .safetensors and diffusers"),
     "run": ("opendit.launch", "torchrun a script on every host of a hostfile, over ssh"),
 }
 

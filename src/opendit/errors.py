@@ -10,6 +10,16 @@ class UserError(Exception):
     """Something the user can fix (a path, a flag, a checkpoint). The message is shown as is."""
 
 
+class RankError(UserError):
+    """A UserError only this rank saw (e.g. an unreadable file in its share of the data): reported by the rank that
+    raised it rather than by rank 0."""
+
+
+class TrainingFailed(Exception):
+    """The run cannot go on (e.g. too many non-finite steps in a row): one line on stderr, exit code 1, the run
+    directory and its checkpoints kept."""
+
+
 def fail(message: str, code: int = 2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

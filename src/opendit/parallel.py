@@ -79,6 +79,13 @@ def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def all_reduce_(t: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or max) across ranks; a no-op in one process."""
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
 def broadcast_object(obj, env: DistEnv, src: int = 0):
     if not env.distributed:
         return obj

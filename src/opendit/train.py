@@ -27,14 +27,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import parallel
-from .data import GlobalBatchPlan, build_dataset, default_image_size, plan_batches
+from . import faults, parallel
+from .data import GlobalBatchPlan, ImageFolder, build_dataset, default_image_size, plan_batches
+from .data.latents import LatentDataset, PrecomputedLatents
 from .diffusion import create_diffusion
 from .ema import EMA
-from .errors import ArgumentParser, UserError
+from .errors import ArgumentParser, RankError, TrainingFailed, UserError
+from .evaluate import PeriodicFID
 from .flops import dit_train_flops_per_image, model_cost_config
 from .images import labelled_grid, save_image_atomic
 from .models import AttentionBackendError, DiT_models
+from .preemption import StopRequest
 from .vae import load_vae, resolve_vae
 
 
@@ -44,7 +47,9 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Train a class-conditional DiT (torchrun for several processes).")
     a = p.add_argument
     a("--model", default="DiT-XL/2", help="one of opendit.models.DiT_models (DiT-XL/2 ... DiT-S/8, DiT-T/*, DiT-N/*)")
-    a("--dataset", default="cifar10", help="cifar10, imagefolder or digits (scikit-learn's 8x8 digits, offline)")
+    a("--dataset", default="cifar10",
+      help="cifar10, imagefolder, digits (scikit-learn's 8x8 digits, offline) or latents (a folder written by "
+           "scripts/dit/extract_features.py: VAE posteriors of images and their flips; --vae is then ignored)")
     a("--data_path", default="./datasets", help="cifar10: folder holding cifar-10-batches-py/; imagefolder: root/<class>/<images>")
     a("--image_size", type=int, default=None, help="training resolution (default: 8 for digits, 256 otherwise)")
     a("--num_classes", type=int, default=None, help="taken from the dataset when omitted; must agree with it")
@@ -63,7 +68,14 @@ def build_parser() -> ArgumentParser:
     a("--ckpt_every", type=int, default=1000)
     a("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (0 = all)")
     a("--outputs", default="./outputs", help="run directories are created here as NNN-<model>")
-    a("--load", default=None, help="resume: a checkpoint directory, or a run directory (its latest checkpoint)")
+    a("--load", default=None,
+      help="resume: a checkpoint directory, a run directory (its newest intact checkpoint), or 'auto' (the newest run "
+           "of this --model under --outputs that has a checkpoint; a new run when there is none)")
+    a("--max_bad_steps", type=int, default=10,
+      help="stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped); 0 = never")
+    a("--on_bad_image", default="skip", choices=["skip", "error"],
+      help="imagefolder: an unreadable file is skipped (replaced by the next image, counted, named in a warning) or "
+           "stops the run")
     a("--plugin", default="zero2", choices=parallel.PLUGINS,
       help="zero2: FSDP2, weights gathered once per step, gradients and optimizer state sharded; fsdp: full sharding "
            "(ZeRO-3); ddp: replicated (one process: no wrapper)")
@@ -79,35 +91,53 @@ def build_parser() -> ArgumentParser:
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--final_samples", type=int, default=0, help="after training, write samples.png with this many EMA samples per class")
     a("--final_cfg_scale", type=float, default=4.0, help="guidance scale of that grid")
+    a("--eval_every", type=int, default=0,
+      help="every N steps: FID of --eval_samples EMA samples (DPM-Solver++ 20 steps) against --eval_reference, logged "
+           "as 'fid' (rank 0 samples; the others wait); 0 = off")
+    a("--eval_samples", type=int, default=1000)
+    a("--eval_cfg_scale", type=float, default=1.0)
+    a("--eval_features", default="auto", help="auto (digits for --dataset digits, else inception), inception, digits, "
+                                              "or package.module:factory")
+    a("--eval_reference", default=None,
+      help="an .npz (images or mu/sigma statistics) or an image folder; default: 10,000 training images")
+    a("--inception", default=None, help="the FID Inception weights file (default: the torch hub cache)")
     return p
 
 
 def validate(args) -> None:
     if args.model not in DiT_models:
         raise UserError(f"unknown model {args.model!r}; choose from {', '.join(DiT_models)}")
-    if args.dataset not in ("cifar10", "imagefolder", "digits"):
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, imagefolder or digits")
+    if args.dataset not in ("cifar10", "imagefolder", "digits", "latents"):
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, imagefolder, digits or latents")
     for name in ("batch_size", "epochs", "log_every", "ckpt_every"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.eval_every < 0 or args.eval_samples < 2:
+        raise UserError("--eval_every must be non-negative and --eval_samples at least 2")
     if args.max_steps is not None and args.max_steps <= 0:
         raise UserError(f"--max_steps must be positive, got {args.max_steps}")
     if args.image_size is not None and args.image_size <= 0:
         raise UserError(f"--image_size must be positive, got {args.image_size}")
     if not 0.0 <= args.ema_decay <= 1.0:
         raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
-    if args.lr <= 0 or min(args.grad_clip, args.num_workers, args.ckpt_keep, args.final_samples, args.warmup_steps) < 0:
+    if args.lr <= 0 or min(args.grad_clip, args.num_workers, args.ckpt_keep, args.final_samples, args.warmup_steps,
+                           args.max_bad_steps) < 0:
         raise UserError("--lr must be positive; --grad_clip, --num_workers, --ckpt_keep, --final_samples, "
-                        "--warmup_steps non-negative")
+                        "--warmup_steps, --max_bad_steps non-negative")
+    if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
+        raise UserError(f"--outputs {args.outputs} is a file, not a directory")
 
 
 # ----------------------------------------------------------------------------- run directory and logging
 
 def new_run_dir(outputs: str, model_name: str) -> str:
-    os.makedirs(outputs, exist_ok=True)
-    taken = [int(m.group(1)) for d in os.listdir(outputs) if (m := re.match(r"^(\d{3,})-", d))]
-    path = os.path.join(outputs, f"{(max(taken) + 1 if taken else 0):03d}-{model_name.replace('/', '-')}")
-    os.makedirs(path)
+    try:
+        os.makedirs(outputs, exist_ok=True)
+        taken = [int(m.group(1)) for d in os.listdir(outputs) if (m := re.match(r"^(\d{3,})-", d))]
+        path = os.path.join(outputs, f"{(max(taken) + 1 if taken else 0):03d}-{model_name.replace('/', '-')}")
+        os.makedirs(path)
+    except OSError as e:
+        raise UserError(f"--outputs {outputs}: cannot create a run directory ({e.strerror or e})") from None
     return path
 
 
@@ -198,15 +228,22 @@ def train(args) -> int:
     validate(args)
     env = parallel.init_distributed(args.device)
     log = RunLog(None)
-    run_dir, created_run_dir = None, False
+    run_dir, created_run_dir, stop = None, False, None
     try:
         precision = parallel.Precision(args.mixed_precision, env.device)
         parallel.check_plugin(args.plugin)
         global_batch = args.batch_size * env.world_size
 
         # --- data
-        image_size = args.image_size or default_image_size(args.dataset)
-        dataset = build_dataset(args.dataset, args.data_path, image_size)
+        if args.dataset == "latents":  # precomputed: the size and VAE are the extraction's
+            dataset = LatentDataset(args.data_path)
+            if args.image_size is not None and args.image_size != dataset.image_size:
+                raise UserError(f"--image_size {args.image_size}: the latents in {args.data_path} were extracted at "
+                                f"{dataset.image_size} px")
+            image_size = dataset.image_size
+        else:
+            image_size = args.image_size or default_image_size(args.dataset)
+            dataset = build_dataset(args.dataset, args.data_path, image_size)
         if args.num_classes is not None and args.num_classes != dataset.num_classes:
             raise UserError(f"--num_classes {args.num_classes} contradicts the dataset, which has {dataset.num_classes} classes")
         num_classes = dataset.num_classes
@@ -214,8 +251,11 @@ def train(args) -> int:
             raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch ({global_batch})")
 
         # --- pixel or latent space
-        vae_name = resolve_vae(args.vae, image_size)
-        codec = load_vae(vae_name, env.device) if vae_name else None
+        if args.dataset == "latents":
+            codec, vae_name = PrecomputedLatents(dataset, env.device), dataset.vae
+        else:
+            vae_name = resolve_vae(args.vae, image_size)
+            codec = load_vae(vae_name, env.device) if vae_name else None
         if codec is not None:
             if image_size % codec.downsample:
                 raise UserError(f"--image_size {image_size} is not divisible by the VAE's downsampling factor {codec.downsample}")
@@ -256,12 +296,18 @@ def train(args) -> int:
 
         # --- resume: rank 0 reads the checkpoint; weights and optimizer state reach the others by broadcast
         epoch, epoch_offset, global_step = 0, 0, 0
-        if args.load:
+        skipped_steps, bad_images = 0, 0
+        load, notes = args.load, []
+        if load == "auto":
+            load = parallel.broadcast_object(ckpt.find_auto_resume(args.outputs, args.model) if env.is_main else None, env)
+            if load is None:
+                notes.append(f"--load auto: no checkpoint of {args.model} under {args.outputs}; starting a new run")
+        if load:
             state, problem = {"model": {}, "ema": {}, "optimizer": {}, "running_states": None}, None
             if env.is_main:
                 try:
-                    ckpt_dir = ckpt.resolve_checkpoint(args.load)
-                    state = ckpt.load_checkpoint(ckpt_dir)
+                    ckpt_dir, state, skipped = ckpt.find_resumable(load)
+                    notes += [f"warning: {w}; resuming from an older checkpoint" for w in skipped]
                     ckpt.check_fits(shapes, state["model"], f"checkpoint {ckpt_dir} (model)")
                     ckpt.check_fits(shapes, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")
                     state["running_states"]["dir"] = ckpt_dir
@@ -280,6 +326,7 @@ def train(args) -> int:
             except (ValueError, KeyError, RuntimeError) as e:
                 raise UserError(f"checkpoint {ckpt_dir}: the optimizer state does not fit this model ({e})") from None
             epoch, epoch_offset, global_step = rs["epoch"], rs["epoch_offset"], rs["global_step"]
+            skipped_steps, bad_images = rs.get("skipped_steps", 0), rs.get("bad_images", 0)
             if precision.scaler is not None and rs.get("grad_scaler"):
                 precision.scaler.load_state_dict(rs["grad_scaler"])
             run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
@@ -318,19 +365,30 @@ def train(args) -> int:
         if (w := precision.warning()) and env.is_main:
             print(f"warning: {w}", file=sys.stderr)
             log.info(f"warning: {w}")
-        if args.load:
+        for note in notes:
+            log.info(note)
+        if load:
             log.info(f"resumed from {ckpt_dir} at epoch {epoch}, global step {global_step}")
+        if env.is_main and (stale := ckpt.remove_stale_partials(run_dir)):
+            log.info(f"removed what an interrupted checkpoint write left behind: {', '.join(stale)}")
+
+        bad_images_here = torch.zeros((), dtype=torch.float64, device=env.device)  # this rank, this session
+
+        def total_bad_images() -> int:  # collective
+            return bad_images + int(parallel.all_reduce_(bad_images_here.clone(), env).item())
 
         def save(at_epoch: int, at_offset: int) -> None:
             # gathered on every rank (collectives), written by rank 0
             model_state = parallel.full_model_state(model, env)
             ema_state = ema.state_dict(env)
             optim_state = parallel.full_optimizer_state(model, opt, env)
+            n_bad_images = total_bad_images()
             if env.is_main:
                 rs = {"epoch": at_epoch, "epoch_offset": at_offset, "global_step": global_step,
                       "step_in_epoch": at_offset // global_batch, "global_batch": global_batch,
                       "world_size": env.world_size, "global_seed": args.global_seed,
                       "rng": "per-step generators seeded from (global_seed, global_step); data order from (global_seed, epoch)",
+                      "skipped_steps": skipped_steps, "bad_images": n_bad_images,
                       "grad_scaler": precision.scaler.state_dict() if precision.scaler is not None else None}
                 path = ckpt.save_checkpoint(run_dir, ckpt.checkpoint_name(at_epoch, global_step),
                                             model_state=model_state, ema_state=ema_state,
@@ -338,7 +396,61 @@ def train(args) -> int:
                 log.info(f"saved checkpoint {path}")
             parallel.barrier(env)
 
-        # --- training loop
+        def ema_model(ema_state: dict):
+            m = DiT_models[args.model](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                                       enable_flashattn=args.enable_flashattn).to(env.device).eval()
+            m.load_state_dict(ema_state)
+            return m
+
+        # --- FID during training (rank 0 samples and scores; the others wait)
+        evaluator, problem = None, None
+        if args.eval_every:
+            if env.is_main:
+                try:
+                    features = args.eval_features if args.eval_features != "auto" else \
+                        ("digits" if args.dataset == "digits" else "inception")
+                    evaluator = PeriodicFID(features=features, inception=args.inception, reference=args.eval_reference,
+                                            dataset=dataset, run_dir=run_dir, num_samples=args.eval_samples,
+                                            cfg_scale=args.eval_cfg_scale, seed=args.global_seed, device=env.device)
+                except UserError as e:
+                    problem = str(e)
+            problem = parallel.broadcast_object(problem, env)
+            if problem:
+                raise UserError(problem)
+
+        def evaluate_fid() -> None:
+            ema_state = ema.state_dict(env)  # collective
+            if env.is_main:
+                t0 = time.perf_counter()
+                fid = evaluator(global_step, ema_model(ema_state), codec, num_classes=num_classes, shape=shape,
+                                device=env.device, precision=precision)
+                log.metrics(global_step, {"fid": fid})
+                log.info(f"step {global_step}: FID {fid:.3f} ({evaluator.name} features, {args.eval_samples} EMA "
+                         f"samples, cfg {args.eval_cfg_scale}; {time.perf_counter() - t0:.1f} s)")
+            parallel.barrier(env)
+
+        seen_bad_files: set[str] = set()
+
+        def note_bad_images(problems: list[str], labels: torch.Tensor) -> None:
+            """Unreadable files in this rank's batch: skipped (already replaced by the next image) and counted, or an
+            error under --on_bad_image error or when no readable substitute was found."""
+            first = problems[0]
+            if args.on_bad_image == "error":
+                raise RankError(f"unreadable image {first} (--on_bad_image error; 'skip' replaces such files by the "
+                                f"next image and counts them)")
+            if bool((labels < 0).any()):
+                raise RankError(f"no readable image among {ImageFolder.MAX_SUBSTITUTES + 1} files in a row, starting "
+                                f"with {first}; is --data_path right?")
+            bad_images_here.add_(len(problems))
+            for line in problems:
+                path = line.split(": ", 1)[0]
+                if path not in seen_bad_files:
+                    seen_bad_files.add(path)
+                    msg = f"warning: skipped unreadable image {line} (rank {env.rank}, step {global_step + 1})"
+                    log.info(msg) if env.is_main else print(msg, file=sys.stderr)
+
+        # --- training loop: every step ends with one small all-reduce of [loss non-finite, grad norm non-finite,
+        # stop requested], so all ranks skip the same bad steps and stop after the same step
         ddp_model.train()
         shape = (in_channels, input_size, input_size)
         vae_shape = (codec.latent_channels, input_size, input_size) if codec else None
@@ -348,11 +460,19 @@ def train(args) -> int:
             torch.cuda.reset_peak_memory_stats(env.device)
         loss_sum = torch.zeros((), device=env.device)
         norm_sum = torch.zeros((), device=env.device)
+        flags = torch.zeros(3, device=env.device)
         n_logged, t_last, step_last = 0, time.perf_counter(), global_step
+        bad_in_a_row, overflow_steps, stopped = 0, 0, False
         memory = None
-        bar = tqdm(total=total_steps, initial=global_step, disable=not env.is_main, desc="train", dynamic_ncols=True)
-        while global_step < total_steps:
-            for x, y in plan_batches(dataset, plan, epoch, epoch_offset, args.num_workers, pin_memory=env.device.type == "cuda"):
+        stop = StopRequest().__enter__()
+        # the bar only on a terminal (rank 0): batch-job logs get the log lines instead
+        bar = tqdm(total=total_steps, initial=global_step, disable=None if env.is_main else True, desc="train",
+                   dynamic_ncols=True)
+        while global_step < total_steps and not stopped:
+            for x, y, problems in plan_batches(dataset, plan, epoch, epoch_offset, args.num_workers,
+                                               pin_memory=env.device.type == "cuda"):
+                if problems:
+                    note_bad_images(problems, y)
                 x = x.to(env.device, non_blocking=True)
                 y = y.to(env.device, non_blocking=True)
                 gen.manual_seed(step_seed(args.global_seed, global_step))
@@ -363,6 +483,8 @@ def train(args) -> int:
                 with precision.autocast():
                     kwargs = dict(y=y, force_drop_ids=drop) if class_dropout > 0 else dict(y=y)
                     loss = diffusion.training_losses(ddp_model, x, t, kwargs, noise=noise)["loss"].mean()
+                if faults.armed("nan_loss", global_step + 1, env.rank):
+                    loss = loss * float("nan")
                 opt.zero_grad(set_to_none=True)
                 if precision.scaler is not None:
                     precision.scaler.scale(loss).backward()
@@ -377,63 +499,103 @@ def train(args) -> int:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm is a replicated DTensor
                     grad_norm = grad_norm.full_tensor()
-                if precision.scaler is not None:
-                    precision.scaler.step(opt)
+                faults.maybe_signal(global_step + 1)
+                flags[0] = ~torch.isfinite(loss.detach())
+                flags[1] = ~torch.isfinite(grad_norm.detach())
+                flags[2] = float(stop.signum != 0)
+                nonfinite_loss, nonfinite_grad, stop_now = (parallel.all_reduce_(flags, env, op="max") > 0).tolist()
+                if nonfinite_loss or (nonfinite_grad and precision.scaler is None):
+                    # skip the update everywhere: parameters, optimizer state and EMA stay as they were
+                    skipped_steps += 1
+                    bad_in_a_row += 1
+                    if precision.scaler is not None:
+                        precision.scaler.update()  # found inf/nan while unscaling: lowers the loss scale
+                    what = "loss" if nonfinite_loss else "gradient norm"
+                    log.info(f"warning: step {global_step + 1}: non-finite {what}; update skipped on every rank "
+                             f"({bad_in_a_row} in a row, {skipped_steps} in all)")
+                    if args.max_bad_steps and bad_in_a_row >= args.max_bad_steps:
+                        last = ckpt.list_checkpoints(run_dir)
+                        raise TrainingFailed(
+                            f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (the last: step "
+                            f"{global_step + 1}); stopped without saving. Last good checkpoint: "
+                            f"{last[-1] if last else 'none'}. Try a lower --lr, --mixed_precision fp32, or "
+                            f"--max_bad_steps 0 to keep skipping")
+                elif nonfinite_grad:  # fp16 overflow: the loss scaler skips the step and lowers its scale
                     precision.scaler.update()
+                    overflow_steps += 1
+                    bad_in_a_row = 0
                 else:
-                    opt.step()
-                ema.update(args.ema_decay)
-                if memory is None:  # what this rank holds, after the first step
-                    memory = {"param_bytes": parallel.tensor_bytes(model.parameters()),
-                              "grad_bytes": parallel.tensor_bytes(p.grad for p in model.parameters()),
-                              "optim_bytes": parallel.tensor_bytes(v for st in opt.state.values() for v in st.values()
-                                                                   if torch.is_tensor(v))}
-                    log.info(f"rank 0 holds (plugin {args.plugin}, {env.world_size} process(es)): parameters "
-                             f"{memory['param_bytes'] / 2**20:.1f} MiB, gradients {memory['grad_bytes'] / 2**20:.1f} MiB, "
-                             f"optimizer state {memory['optim_bytes'] / 2**20:.1f} MiB")
-                    if env.is_main:
-                        with open(os.path.join(run_dir, "memory.json"), "w") as f:
-                            json.dump(dict(memory, plugin=args.plugin, world_size=env.world_size), f)
+                    if precision.scaler is not None:
+                        precision.scaler.step(opt)
+                        precision.scaler.update()
+                    else:
+                        opt.step()
+                    ema.update(args.ema_decay)
+                    bad_in_a_row = 0
+                    loss_sum += loss.detach()
+                    norm_sum += grad_norm.detach()
+                    n_logged += 1
+                    if memory is None:  # what this rank holds, after the first update
+                        memory = {"param_bytes": parallel.tensor_bytes(model.parameters()),
+                                  "grad_bytes": parallel.tensor_bytes(p.grad for p in model.parameters()),
+                                  "optim_bytes": parallel.tensor_bytes(v for st in opt.state.values() for v in st.values()
+                                                                       if torch.is_tensor(v))}
+                        log.info(f"rank 0 holds (plugin {args.plugin}, {env.world_size} process(es)): parameters "
+                                 f"{memory['param_bytes'] / 2**20:.1f} MiB, gradients {memory['grad_bytes'] / 2**20:.1f} MiB, "
+                                 f"optimizer state {memory['optim_bytes'] / 2**20:.1f} MiB")
+                        if env.is_main:
+                            with open(os.path.join(run_dir, "memory.json"), "w") as f:
+                                json.dump(dict(memory, plugin=args.plugin, world_size=env.world_size), f)
                 global_step += 1
                 epoch_offset += global_batch
-                loss_sum += loss.detach()
-                norm_sum += grad_norm.detach()
-                n_logged += 1
                 bar.update(1)
 
-                if global_step % args.log_every == 0 or global_step == total_steps:
-                    avg_loss = parallel.all_reduce_mean(loss_sum / n_logged, env).item()
-                    avg_norm = (norm_sum / n_logged).item()
+                if global_step % args.log_every == 0 or global_step == total_steps or stop_now:
+                    avg_loss = parallel.all_reduce_mean(loss_sum / n_logged, env).item() if n_logged else math.nan
+                    avg_norm = (norm_sum / n_logged).item() if n_logged else math.nan
                     dt = time.perf_counter() - t_last
                     steps_s = (global_step - step_last) / dt
                     values = {"loss": avg_loss, "grad_norm": avg_norm, "steps_per_s": steps_s,
-                              "images_per_s": steps_s * global_batch, "epoch": epoch, "lr": lr}
+                              "images_per_s": steps_s * global_batch, "epoch": epoch, "lr": lr,
+                              "skipped_steps": skipped_steps, "bad_images": total_bad_images()}
+                    if overflow_steps:
+                        values["fp16_overflow_steps"] = overflow_steps
                     if env.device.type == "cuda":
                         values["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                     log.metrics(global_step, values)
                     log.info(f"step {global_step}/{total_steps} epoch {epoch} loss {avg_loss:.4f} grad_norm {avg_norm:.3f} "
                              f"{steps_s:.2f} steps/s {steps_s * global_batch:.1f} img/s"
-                             + (f" peak {values['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in values else ""))
+                             + (f" peak {values['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in values else "")
+                             + (f" skipped {skipped_steps}" if skipped_steps else "")
+                             + (f" bad images {values['bad_images']}" if values["bad_images"] else ""))
                     bar.set_postfix(loss=f"{avg_loss:.4f}", img_s=f"{steps_s * global_batch:.1f}")
                     loss_sum.zero_(); norm_sum.zero_()
                     n_logged, t_last, step_last = 0, time.perf_counter(), global_step
 
+                if stop_now:
+                    stopped = True
+                    log.info(f"stop requested ({stop.name or 'a signal on another rank'}) at step {global_step}: "
+                             f"writing a checkpoint, then exiting")
+                    break
                 if global_step % args.ckpt_every == 0 and global_step < total_steps:
                     save(epoch, epoch_offset)
+                if args.eval_every and global_step % args.eval_every == 0:
+                    evaluate_fid()
+                    ddp_model.train()
                 if global_step >= total_steps:
                     break
             else:  # the epoch ran out
                 epoch, epoch_offset = epoch + 1, 0
         bar.close()
         save(epoch, epoch_offset)
+        if stopped:
+            log.info(f"stopped cleanly at step {global_step}; resume with --load {run_dir} (or --load auto)")
+            return stop.exit_code
 
         ema_state = ema.state_dict(env) if args.final_samples > 0 else None  # collective
         if args.final_samples > 0 and env.is_main:
             path = os.path.join(run_dir, "samples.png")
-            ema_model = DiT_models[args.model](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                                               enable_flashattn=args.enable_flashattn).to(env.device).eval()
-            ema_model.load_state_dict(ema_state)
-            write_sample_grid(path, ema_model, diffusion, codec, num_classes=num_classes, class_names=dataset.class_names,
+            write_sample_grid(path, ema_model(ema_state), diffusion, codec, num_classes=num_classes, class_names=dataset.class_names,
                               per_class=args.final_samples, cfg_scale=args.final_cfg_scale, shape=shape,
                               device=env.device, seed=args.global_seed, precision=precision)
             log.info(f"wrote {args.final_samples} EMA samples per class (DPM-Solver++ 20 steps, cfg {args.final_cfg_scale}) to {path}")
@@ -443,8 +605,12 @@ def train(args) -> int:
         if created_run_dir and run_dir and not ckpt.list_checkpoints(run_dir):
             log.close()
             shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(e, UserError):
+            raise
         raise UserError(str(e)) from None
     finally:
+        if stop is not None:
+            stop.__exit__()
         log.close()
 
 
@@ -453,9 +619,13 @@ def main(argv=None) -> int:
     try:
         return train(args)
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if isinstance(e, RankError) or int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:

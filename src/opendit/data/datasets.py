@@ -183,18 +183,37 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key):
-        index, flip = key
-        path, label = self.samples[index]
+    # an unreadable file is replaced by the next readable image (so batches keep their size and a resumed run sees
+    # the same data); after this many unreadable files in a row the slot is reported as fatal (label -1)
+    MAX_SUBSTITUTES = 16
+
+    def load(self, path: str) -> torch.Tensor:
+        """One image file as (3, S, S) float32 in [-1, 1]; raises whatever PIL raises for a bad file."""
         with Image.open(path) as img:
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")  # PIL's advice for palette images with transparency
             img = img.convert("RGB")
         img = adm_center_crop(img, self.image_size)
-        x = to_unit_range(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+        return to_unit_range(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+
+    def __getitem__(self, key):
+        """(image, label, problems): ``problems`` is "" or one "path: reason" line per unreadable file met for this
+        slot (each replaced by the next file in the list)."""
+        index, flip = key
+        problems = []
+        for attempt in range(self.MAX_SUBSTITUTES + 1):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                x = self.load(path)
+                break
+            except Exception as e:  # UnidentifiedImageError, truncated data (OSError), broken PNG (SyntaxError), ...
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                problems.append(f"{path}: {reason}")
+        else:
+            x, label = torch.zeros(3, self.image_size, self.image_size), -1
         if flip:
             x = x.flip(-1)
-        return x, label
+        return x, label, "\n".join(problems)
 
 
 def build_dataset(name: str, data_path: str, image_size: int | None):

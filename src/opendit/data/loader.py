@@ -7,16 +7,19 @@ from typing import Iterator
 
 import torch
 
+from ..preemption import ignore_in_worker
 from .datasets import InMemoryImages
 from .sampler import GlobalBatchPlan
 
 
 def plan_batches(dataset, plan: GlobalBatchPlan, epoch: int, offset: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images (B, C, S, S) float32 in [-1, 1], labels (B,)) for the rest of ``epoch``."""
-    if isinstance(dataset, InMemoryImages):
+                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Yield (images (B, C, S, S) float32 in [-1, 1], labels (B,), problems) for the rest of ``epoch``; ``problems``
+    lists the unreadable files met in this batch ("path: reason"; each was replaced by the next readable image, and a
+    label of -1 marks a slot where none was found)."""
+    if isinstance(dataset, InMemoryImages) or hasattr(dataset, "batch"):  # in memory or memory-mapped latents
         for idx, flips in plan.epoch_batches(epoch, offset):
-            yield dataset.batch(idx, flips)
+            yield (*dataset.batch(idx, flips), [])
         return
     batches = [list(zip(idx.tolist(), flips.tolist())) for idx, flips in plan.epoch_batches(epoch, offset)]
     if not batches:
@@ -24,6 +27,7 @@ def plan_batches(dataset, plan: GlobalBatchPlan, epoch: int, offset: int = 0, nu
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=ignore_in_worker if num_workers > 0 else None,
     )
-    for x, y in loader:
-        yield x, y.long()
+    for x, y, problems in loader:
+        yield x, y.long(), [line for p in problems if p for line in p.split("\n")]

@@ -56,11 +56,13 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> np.ndarray:
     return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
 
 
-def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, dtype=torch.float32) -> torch.Tensor:
-    """(N,) timesteps (may be fractional) -> (N, dim) [cos(t*f), sin(t*f)], f_k = exp(-ln(max_period) * k / (dim/2)).
+def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0, dtype=torch.float32,
+                      freq_shift: int = 0) -> torch.Tensor:
+    """(N,) timesteps (may be fractional) -> (N, dim) [cos(t*f), sin(t*f)], f_k = exp(-ln(max_period) * k / (dim/2 - s)).
+    s = 0 in the DiT release; diffusers' DiTTransformer2DModel uses s = 1 (``freq_shift``).
     Computed in float32 like the published model (float64 only when asked, for float64 models)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / (half - freq_shift))
     args = t[:, None].to(dtype) * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -93,6 +95,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = 0  # 1 reproduces diffusers' DiTTransformer2DModel (see timestep_sinusoid)
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -101,7 +104,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         wdtype = self.mlp[0].weight.dtype
-        t_freq = timestep_sinusoid(t, self.frequency_embedding_size, dtype=torch.float64 if wdtype == torch.float64 else torch.float32)
+        t_freq = timestep_sinusoid(t, self.frequency_embedding_size, freq_shift=self.freq_shift,
+                                   dtype=torch.float64 if wdtype == torch.float64 else torch.float32)
         return self.mlp(t_freq.to(wdtype))
 
 

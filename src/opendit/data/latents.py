@@ -1,0 +1,117 @@
+"""Precomputed VAE latents (``--dataset latents``), written by scripts/dit/extract_features.py.
+
+For every image the extractor stores the VAE posterior q(z | x) of the image *and* of its horizontal flip, as mean and
+standard deviation (unscaled). Training then draws a fresh posterior sample every time (mean + std * eps, with eps from
+the step's generator, exactly as with the VAE in the loop) and takes the flipped or unflipped posterior as the batch plan
+says, so an epoch over latents is statistically the same as an epoch over images, without the VAE's cost.
+
+    DIR/index.json                         format, VAE, scaling factor, image size, latent shape, classes, shards
+    DIR/<shard>.mean.npy, <shard>.std.npy  (n, 2, C, h, w) float16/float32: [unflipped, flipped]
+    DIR/<shard>.label.npy, <shard>.index.npy   (n,) int64: class, position in the source data set
+
+Shards are memory-mapped (several processes on a node share the page cache) and ordered by source position, so the data
+set does not depend on how many processes extracted it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+FORMAT = "opendit-latents-v1"
+INDEX = "index.json"
+PARTS = ("mean", "std", "label", "index")
+
+
+def shard_paths(root: str, shard: str) -> dict[str, str]:
+    return {p: os.path.join(root, f"{shard}.{p}.npy") for p in PARTS}
+
+
+class LatentDataset:
+    """Posterior means and stds of a data set; ``batch(indices, flips)`` gives (B, 2C, h, w) float32 = [mean, std]."""
+
+    def __init__(self, root: str):
+        path = os.path.join(root, INDEX)
+        if not os.path.isfile(path):
+            raise UserError(f"--dataset latents: {path} not found (write it with scripts/dit/extract_features.py)")
+        try:
+            with open(path) as f:
+                self.meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({e})") from None
+        if self.meta.get("format") != FORMAT:
+            raise UserError(f"{path}: not an opendit latents index (format {self.meta.get('format')!r})")
+        means, stds, labels, order = [], [], [], []
+        for shard in self.meta["shards"]:
+            files = shard_paths(root, shard["name"])
+            try:
+                arrays = {p: np.load(files[p], mmap_mode="r") for p in PARTS}
+            except (OSError, ValueError) as e:
+                raise UserError(f"latents shard {shard['name']} in {root} is missing or unreadable ({e})") from None
+            n = shard["count"]
+            if any(len(a) != n for a in arrays.values()) or arrays["mean"].shape != arrays["std"].shape:
+                raise UserError(f"latents shard {shard['name']} in {root} is truncated (index.json says {n} items)")
+            means.append(arrays["mean"]); stds.append(arrays["std"])
+            labels.append(np.asarray(arrays["label"])); order.append(np.asarray(arrays["index"]))
+        if not means:
+            raise UserError(f"{path} lists no shards")
+        self._means, self._stds = means, stds
+        src = np.concatenate(order)
+        # item i of the data set = (shard, row) of the i-th smallest source position
+        shard_of = np.concatenate([np.full(len(o), k) for k, o in enumerate(order)])
+        row_of = np.concatenate([np.arange(len(o)) for o in order])
+        perm = np.argsort(src, kind="stable")
+        if len(np.unique(src)) != len(src):
+            raise UserError(f"{root}: the shards overlap (an image appears twice); re-extract into an empty folder")
+        self._shard, self._row = shard_of[perm], row_of[perm]
+        self.labels = torch.from_numpy(np.concatenate(labels)[perm]).long()
+        self.class_names = list(self.meta["class_names"])
+        self.num_classes = len(self.class_names)
+        c, h, w = self.meta["latent_shape"]
+        self.latent_channels, self.latent_size = c, h
+        self.channels = 2 * c  # what batch() returns: mean and std
+        self.image_size = self.meta["image_size"]
+        self.scale = float(self.meta["scaling_factor"])
+        self.vae = self.meta["vae"]
+        self.flip, self.name = True, "latents"
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor):
+        idx = indices.numpy()
+        side = flips.numpy().astype(np.int64)
+        mean = np.stack([self._means[s][r, f] for s, r, f in zip(self._shard[idx], self._row[idx], side)])
+        std = np.stack([self._stds[s][r, f] for s, r, f in zip(self._shard[idx], self._row[idx], side)])
+        x = torch.from_numpy(np.concatenate([mean, std], axis=1)).float()
+        return x, self.labels[indices]
+
+
+class PrecomputedLatents:
+    """The codec of a latents data set: ``encode`` turns a [mean, std] batch into a scaled posterior sample;
+    ``decode`` (for sample grids) needs the VAE, loaded on first use."""
+
+    def __init__(self, dataset: LatentDataset, device):
+        self.dataset, self.device = dataset, device
+        self.scale = dataset.scale
+        self.latent_channels = dataset.latent_channels
+        self.downsample = dataset.image_size // dataset.latent_size
+        self.name = dataset.vae
+        self._vae = None
+
+    def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.latent_channels
+        mean, std = x[:, :c], x[:, c:]
+        return (mean if eps is None else mean + std * eps.to(mean.dtype)) * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self._vae is None:
+            from ..vae import load_vae
+
+            self._vae = load_vae(self.dataset.vae, self.device)
+        return self._vae.decode(z)

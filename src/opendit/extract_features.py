@@ -1,0 +1,154 @@
+"""Encode a data set once with the VAE, for ``--dataset latents`` training without the VAE in the loop.
+
+    torchrun --standalone --nproc_per_node=8 scripts/dit/extract_features.py --dataset imagefolder \\
+        --data_path /data/imagenet/train --image_size 256 --vae ema --features_path features/imagenet256
+    python scripts/dit/train.py --dataset latents --data_path features/imagenet256 --model DiT-XL/2 ...
+
+The data set is cut into shards of --shard_size images; shard k is encoded by rank k mod world_size and written
+atomically, so an interrupted extraction resumes where it stopped (finished shards are skipped) and any number of
+processes can share the work. Each image is encoded unflipped and flipped; mean and std of both posteriors are stored
+(see opendit/data/latents.py). Rank 0 writes index.json when every shard exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import parallel
+from .data import ImageFolder, build_dataset
+from .data.latents import FORMAT, INDEX, PARTS, shard_paths
+from .errors import ArgumentParser, UserError
+from .preemption import ignore_in_worker
+from .vae import VAE_NAMES, load_vae
+
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Store VAE posteriors (mean, std; image and flip) of a data set for --dataset latents.")
+    p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10"])
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--vae", default="ema", help="ema, mse (the SD VAEs) or a local diffusers AutoencoderKL folder")
+    p.add_argument("--features_path", required=True, help="output folder (index.json + shards)")
+    p.add_argument("--batch_size", type=int, default=32, help="images per VAE forward, per process")
+    p.add_argument("--shard_size", type=int, default=4096)
+    p.add_argument("--dtype", default="fp16", choices=list(DTYPES),
+                   help="storage precision (fp16: 2 x 2 x 4 x 32 x 32 x 2 bytes = 32 KiB per 256 px image)")
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def _load_batch(dataset, indices: list[int], num_workers: int):
+    """(images (B, 3, S, S) in [-1, 1], labels (B,), problems) for the given source positions."""
+    if isinstance(dataset, ImageFolder):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=len(indices), num_workers=num_workers,
+                                             sampler=[(i, False) for i in indices],
+                                             worker_init_fn=ignore_in_worker if num_workers else None)
+        x, y, problems = next(iter(loader))
+        return x, y.long(), [p for p in problems if p]
+    idx = torch.tensor(indices)
+    x, y = dataset.batch(idx, torch.zeros(len(indices), dtype=torch.bool))
+    return x, y, []
+
+
+def write_shard(root: str, name: str, arrays: dict) -> None:
+    files = shard_paths(root, name)
+    for part in PARTS:  # "index" last: a shard counts as done when all four files exist
+        tmp = files[part] + ".tmp.npy"
+        np.save(tmp, arrays[part])
+        os.replace(tmp, files[part])
+
+
+def shard_done(root: str, name: str) -> bool:
+    return all(os.path.isfile(f) for f in shard_paths(root, name).values())
+
+
+def extract(args) -> int:
+    if min(args.batch_size, args.shard_size, args.image_size) <= 0 or args.num_workers < 0:
+        raise UserError("--batch_size, --shard_size and --image_size must be positive")
+    env = parallel.init_distributed(args.device)
+    dataset = build_dataset(args.dataset, args.data_path, args.image_size)
+    if dataset.channels != 3:
+        raise UserError(f"the VAE encodes RGB images; {args.dataset} has {dataset.channels} channel(s)")
+    vae_name = VAE_NAMES.get(args.vae, args.vae)
+    codec = load_vae(vae_name, env.device)
+    if args.image_size % codec.downsample:
+        raise UserError(f"--image_size {args.image_size} is not divisible by the VAE's downsampling {codec.downsample}")
+    try:
+        os.makedirs(args.features_path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--features_path {args.features_path}: {e.strerror or e}") from None
+    n = len(dataset)
+    num_shards = math.ceil(n / args.shard_size)
+    names = [f"shard-{k:06d}" for k in range(num_shards)]
+    mine = [k for k in range(env.rank, num_shards, env.world_size) if not shard_done(args.features_path, names[k])]
+    skipped_bad = 0
+    bar = tqdm(total=sum(min(args.shard_size, n - k * args.shard_size) for k in mine), disable=None if env.is_main else True,
+               desc=f"encode (rank {env.rank})", unit="img")
+    for k in mine:
+        lo, hi = k * args.shard_size, min(n, (k + 1) * args.shard_size)
+        means, stds, labels = [], [], []
+        for start in range(lo, hi, args.batch_size):
+            idx = list(range(start, min(hi, start + args.batch_size)))
+            x, y, problems = _load_batch(dataset, idx, args.num_workers)
+            for line in problems:
+                skipped_bad += 1
+                print(f"warning: unreadable image {line}: its slot holds the next readable image", file=sys.stderr)
+            if bool((y < 0).any()):
+                raise UserError(f"no readable image near {problems[0] if problems else idx[0]}")
+            x = x.to(env.device)
+            m0, s0 = codec.posterior(x)
+            m1, s1 = codec.posterior(x.flip(-1))
+            means.append(torch.stack([m0, m1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
+            stds.append(torch.stack([s0, s1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
+            labels.append(y.numpy().astype(np.int64))
+            bar.update(len(idx))
+        write_shard(args.features_path, names[k], {"mean": np.concatenate(means), "std": np.concatenate(stds),
+                                                   "label": np.concatenate(labels), "index": np.arange(lo, hi)})
+    bar.close()
+    parallel.barrier(env)
+    if env.is_main:
+        missing = [nm for nm in names if not shard_done(args.features_path, nm)]
+        if missing:
+            raise UserError(f"{len(missing)} shards are missing in {args.features_path} (e.g. {missing[0]}); run again")
+        side = args.image_size // codec.downsample
+        index = {"format": FORMAT, "vae": vae_name, "scaling_factor": codec.scale, "image_size": args.image_size,
+                 "latent_shape": [codec.latent_channels, side, side], "dtype": args.dtype, "source": args.dataset,
+                 "data_path": os.path.abspath(args.data_path), "num_images": n,
+                 "class_names": list(dataset.class_names),
+                 "shards": [{"name": nm, "count": min(args.shard_size, n - i * args.shard_size)} for i, nm in enumerate(names)]}
+        tmp = os.path.join(args.features_path, INDEX + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, os.path.join(args.features_path, INDEX))
+        print(f"wrote {n} images x 2 (unflipped, flipped) as {args.dtype} posteriors "
+              f"{codec.latent_channels}x{side}x{side} in {num_shards} shard(s) to {args.features_path}")
+    if skipped_bad:
+        print(f"warning: rank {env.rank} met {skipped_bad} unreadable image(s)", file=sys.stderr)
+    parallel.barrier(env)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return extract(args)
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        parallel.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

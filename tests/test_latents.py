@@ -1,0 +1,98 @@
+"""extract_features.py + --dataset latents, with a tiny randomly initialised diffusers AutoencoderKL (no download).
+
+The reference is the VAE itself: stored posteriors must equal a direct encode of each image and its flip, and training
+on fp32 latents must give the losses of training on the images with the same VAE in the loop (same seed: the same
+posterior noise, flips and timesteps)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import REPO, only_run_dir, read_metrics, run, run_train
+
+diffusers = pytest.importorskip("diffusers")
+EXTRACT = os.path.join(REPO, "scripts", "dit", "extract_features.py")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latents")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=16,
+    )
+    vae.save_pretrained(str(root / "vae"))
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        os.makedirs(root / "images" / c)
+        for i in range(6):
+            size = (20 + 3 * i, 18)  # not square: the ADM crop applies
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
+    r = run([sys.executable, EXTRACT, "--dataset", "imagefolder", "--data_path", str(root / "images"), "--image_size", "16",
+             "--vae", str(root / "vae"), "--features_path", str(root / "feats"), "--dtype", "fp32", "--shard_size", "5",
+             "--batch_size", "3", "--num_workers", "0", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+def test_stored_posteriors_equal_a_direct_encode(setup):
+    from opendit.data import ImageFolder
+    from opendit.data.latents import LatentDataset
+    from opendit.vae import load_vae
+
+    index = json.load(open(setup / "feats" / "index.json"))
+    assert [s["count"] for s in index["shards"]] == [5, 5, 2] and index["latent_shape"] == [4, 8, 8]
+    data = LatentDataset(str(setup / "feats"))
+    images = ImageFolder(str(setup / "images"), 16)
+    assert len(data) == 12 and data.labels.tolist() == images.labels.tolist() and data.class_names == ["cat", "dog"]
+    codec = load_vae(str(setup / "vae"), "cpu")
+    x = torch.stack([images[(i, False)][0] for i in range(12)])
+    for flip in (False, True):
+        mean, std = codec.posterior(x.flip(-1) if flip else x)
+        got, labels = data.batch(torch.arange(12), torch.full((12,), flip))
+        torch.testing.assert_close(got[:, :4], mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[:, 4:], std, rtol=1e-5, atol=1e-6)
+    assert data.scale == pytest.approx(codec.scale)
+
+
+def test_training_on_latents_matches_training_with_the_vae_in_the_loop(setup, tmp_path):
+    common = ["--model", "DiT-N/2", "--mixed_precision", "fp32", "--device", "cpu", "--batch_size", "4",
+              "--max_steps", "6", "--log_every", "1", "--num_workers", "0"]
+    r = run_train("--dataset", "latents", "--data_path", str(setup / "feats"), *common, "--final_samples", "1",
+                  "--outputs", str(tmp_path / "lat"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r2 = run_train("--dataset", "imagefolder", "--data_path", str(setup / "images"), "--image_size", "16",
+                   "--vae", str(setup / "vae"), *common, "--outputs", str(tmp_path / "img"))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    lat, img = read_metrics(only_run_dir(tmp_path / "lat")), read_metrics(only_run_dir(tmp_path / "img"))
+    assert sorted(lat) == list(range(1, 7))  # two epochs: flips and posterior noise are redrawn
+    for s in lat:
+        assert lat[s]["loss"] == pytest.approx(img[s]["loss"], rel=1e-4), s
+    cfg = json.load(open(os.path.join(only_run_dir(tmp_path / "lat"), "config.json")))
+    assert (cfg["in_channels"], cfg["input_size"], cfg["image_size"]) == (4, 8, 16)
+    assert os.path.exists(os.path.join(only_run_dir(tmp_path / "lat"), "samples.png"))  # decoded by the index's VAE
+
+
+def test_extraction_resumes_and_errors(setup, tmp_path):
+    import shutil
+
+    feats = tmp_path / "feats"
+    shutil.copytree(setup / "feats", feats)
+    os.remove(feats / "shard-000001.mean.npy")  # an interrupted extraction
+    before = {f: os.path.getmtime(feats / f) for f in os.listdir(feats) if f.startswith("shard-000000")}
+    r = run([sys.executable, EXTRACT, "--dataset", "imagefolder", "--data_path", str(setup / "images"), "--image_size", "16",
+             "--vae", str(setup / "vae"), "--features_path", str(feats), "--dtype", "fp32", "--shard_size", "5",
+             "--batch_size", "3", "--num_workers", "0", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {f: os.path.getmtime(feats / f) for f in before} == before  # finished shards are kept
+    a = np.load(feats / "shard-000001.mean.npy")
+    np.testing.assert_array_equal(a, np.load(setup / "feats" / "shard-000001.mean.npy"))
+    r = run_train("--dataset", "latents", "--data_path", str(tmp_path / "none"), "--model", "DiT-N/2", "--device", "cpu",
+                  "--outputs", str(tmp_path / "o"))
+    assert r.returncode == 2 and "extract_features.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
