@@ -39,6 +39,25 @@ def assert_same_losses(got, ref, steps):
         assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=0), (s, got[s], ref[s])
 
 
+def sigterm_after_two_steps(cmd, env_extra, outputs, timeout=180):
+    """Start a long training command, send it SIGTERM once it has logged two steps; (exit code, stderr)."""
+    env = dict(os.environ, OPENDIT_OFFLINE="1", PYTHONUNBUFFERED="1", **env_extra)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            dirs = os.listdir(outputs) if os.path.isdir(outputs) else []
+            metrics = os.path.join(outputs, dirs[0], "metrics.jsonl") if dirs else ""
+            if metrics and os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
 # ----------------------------------------------------------------------------- one process
 
 @pytest.fixture(scope="module")
@@ -100,21 +119,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_exit_0(reference, tm
     """A real signal from outside, at an arbitrary moment of a long run."""
     cmd = [sys.executable, TRAIN, *TINY, *STEPS, "--max_steps", "100000", "--ckpt_every", "100000",
            "--outputs", str(tmp_path)]
-    env = dict(os.environ, OPENDIT_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            dirs = [d for d in os.listdir(tmp_path)] if tmp_path.exists() else []
-            if dirs and os.path.exists(m := os.path.join(tmp_path, dirs[0], "metrics.jsonl")) and \
-                    len(open(m).read().splitlines()) >= 2:
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    returncode, err = sigterm_after_two_steps(cmd, {}, tmp_path)
+    assert returncode == 0, err[-3000:]
     run_dir = only_run_dir(tmp_path)
     stopped = max(losses(run_dir))
     assert 2 <= stopped < 50
@@ -210,20 +216,7 @@ def test_torchrun_forwards_sigterm_and_the_workers_checkpoint(tmp_path):
     """The launcher path: SIGTERM to torchrun, which signals its workers (as a scheduler's preemption does)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *TINY, *STEPS,
            "--max_steps", "100000", "--ckpt_every", "100000", "--outputs", str(tmp_path)]
-    env = dict(os.environ, OPENDIT_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            dirs = os.listdir(tmp_path)
-            if dirs and os.path.exists(m := os.path.join(tmp_path, dirs[0], "metrics.jsonl")) and \
-                    len(open(m).read().splitlines()) >= 2:
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    _, err = sigterm_after_two_steps(cmd, {"OMP_NUM_THREADS": "1"}, tmp_path)
     run_dir = only_run_dir(tmp_path)
     stopped = max(losses(run_dir))
     assert os.path.basename(list_checkpoints(run_dir)[-1]) == f"epoch0-global_step{stopped}", err[-3000:]

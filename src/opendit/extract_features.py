@@ -139,15 +139,7 @@ def extract(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return extract(args)
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        parallel.shutdown()
+    return parallel.run_main(extract, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

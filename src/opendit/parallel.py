@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import RankError, TrainingFailed, UserError
 
 PLUGINS = ("ddp", "zero2", "fsdp")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,6 +65,27 @@ def init_distributed(device_flag: str = "auto") -> DistEnv:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_main(fn, args) -> int:
+    """Run a program's body ``fn(args)`` alone or under torchrun: a UserError is one line (``error: ...``) from global
+    rank 0 (or from the rank that raised a RankError) and exit code 2; TrainingFailed is one line and exit code 1;
+    Ctrl-C is 130. The process group is always shut down."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        return fn(args)
+    except UserError as e:
+        if rank0 or isinstance(e, RankError):
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingFailed as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        shutdown()
 
 
 def barrier(env: DistEnv) -> None:

@@ -55,55 +55,54 @@ def build_npz(sample_dir: str, num_samples: int, num_classes: int) -> str:
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Sample many images (PNGs + an ADM-format .npz) from a DiT checkpoint, on N processes.")
     add_model_flags(p, cfg_scale=1.5)
     p.add_argument("--num_samples", type=int, default=50_000)
     p.add_argument("--per_proc_batch_size", type=int, default=32)
     p.add_argument("--sample_dir", default="samples", help="PNGs go here; DIR.npz beside it")
-    args = p.parse_args(argv)
-    env = None
-    try:
-        if args.num_samples <= 0 or args.per_proc_batch_size <= 0:
-            raise UserError("--num_samples and --per_proc_batch_size must be positive")
-        env = parallel.init_distributed(args.device)
-        precision = parallel.Precision(args.mixed_precision, env.device)
-        loaded = load_for_sampling(args, env.device)
-        check_sampling_flags(args, loaded)
-        if env.is_main:
-            os.makedirs(args.sample_dir, exist_ok=True)
-        parallel.barrier(env)
-        B, N = args.per_proc_batch_size, args.num_samples
-        n_batches = -(-N // B)
-        mine = range(env.rank, n_batches, env.world_size)
-        todo = [b for b in mine if not all(os.path.exists(png_path(args.sample_dir, i)) for i in range(b * B, min(N, (b + 1) * B)))]
-        if env.is_main:
-            print(f"{loaded.name} from {loaded.source}: {N} samples, {args.sampler} {args.num_sampling_steps} steps, "
-                  f"cfg {args.cfg_scale}, {env.world_size} process(es) x batch {B}; "
-                  f"{len(mine) - len(todo)} of this rank's {len(mine)} batches already done")
-        clip = clip_for(args, loaded)
-        for b in tqdm(todo, desc="sampling", disable=not env.is_main, dynamic_ncols=True):
-            idx = range(b * B, min(N, (b + 1) * B))
-            torch.manual_seed(batch_seed(args.seed, b))
-            y = torch.tensor([i % loaded.num_classes for i in idx], device=env.device)
-            z = torch.randn(len(idx), loaded.in_channels, *loaded.input_size, device=env.device)
-            with precision.autocast():
-                x = generate(loaded.model, y, z, sampler=args.sampler, steps=args.num_sampling_steps,
-                             cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, clip_denoised=clip)
-            for i, img in zip(idx, to_uint8(to_images(loaded, x.float()))):
-                write_png(png_path(args.sample_dir, i), img)
-        parallel.barrier(env)
-        if env.is_main:
-            out = build_npz(args.sample_dir, N, loaded.num_classes)
-            print(f"wrote {N} PNGs to {args.sample_dir} and {out}")
-        parallel.barrier(env)
-        return 0
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        parallel.shutdown()
+    return p
+
+
+def sample_all(args) -> int:
+    if args.num_samples <= 0 or args.per_proc_batch_size <= 0:
+        raise UserError("--num_samples and --per_proc_batch_size must be positive")
+    env = parallel.init_distributed(args.device)
+    precision = parallel.Precision(args.mixed_precision, env.device)
+    loaded = load_for_sampling(args, env.device)
+    check_sampling_flags(args, loaded)
+    if env.is_main:
+        os.makedirs(args.sample_dir, exist_ok=True)
+    parallel.barrier(env)
+    B, N = args.per_proc_batch_size, args.num_samples
+    n_batches = -(-N // B)
+    mine = range(env.rank, n_batches, env.world_size)
+    todo = [b for b in mine if not all(os.path.exists(png_path(args.sample_dir, i)) for i in range(b * B, min(N, (b + 1) * B)))]
+    if env.is_main:
+        print(f"{loaded.name} from {loaded.source}: {N} samples, {args.sampler} {args.num_sampling_steps} steps, "
+              f"cfg {args.cfg_scale}, {env.world_size} process(es) x batch {B}; "
+              f"{len(mine) - len(todo)} of this rank's {len(mine)} batches already done")
+    clip = clip_for(args, loaded)
+    for b in tqdm(todo, desc="sampling", disable=not env.is_main, dynamic_ncols=True):
+        idx = range(b * B, min(N, (b + 1) * B))
+        torch.manual_seed(batch_seed(args.seed, b))
+        y = torch.tensor([i % loaded.num_classes for i in idx], device=env.device)
+        z = torch.randn(len(idx), loaded.in_channels, *loaded.input_size, device=env.device)
+        with precision.autocast():
+            x = generate(loaded.model, y, z, sampler=args.sampler, steps=args.num_sampling_steps,
+                         cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, clip_denoised=clip)
+        for i, img in zip(idx, to_uint8(to_images(loaded, x.float()))):
+            write_png(png_path(args.sample_dir, i), img)
+    parallel.barrier(env)
+    if env.is_main:
+        out = build_npz(args.sample_dir, N, loaded.num_classes)
+        print(f"wrote {N} PNGs to {args.sample_dir} and {out}")
+    parallel.barrier(env)
+    return 0
+
+
+def main(argv=None) -> int:
+    return parallel.run_main(sample_all, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

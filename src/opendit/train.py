@@ -615,21 +615,7 @@ def train(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return train(args)
-    except UserError as e:
-        if isinstance(e, RankError) or int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailed as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        parallel.shutdown()
+    return parallel.run_main(train, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
