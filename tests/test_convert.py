@@ -55,6 +55,9 @@ def test_diffusers_round_trip_and_numerics(ckpt, tmp_path):
     m, d = ckpt
     out = tmp_path / "dit-diffusers"
     assert convert([os.path.join(d, "ema.pt"), str(out)]) == 0
+    assert convert([os.path.join(d, "ema.pt"), str(out)]) == 2  # exists
+    assert convert([os.path.join(d, "ema.pt"), str(out), "--force"]) == 0  # replaced whole, nothing left aside
+    assert sorted(os.listdir(tmp_path)) == ["dit-diffusers", "run"]
     assert convert([str(out), str(tmp_path / "back.pt")]) == 0  # and back: bit-exact, pos_embed recomputed
     assert_same(torch.load(tmp_path / "back.pt", weights_only=True), m.state_dict())
 

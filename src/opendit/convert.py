@@ -192,7 +192,13 @@ def write(sd: dict, dst: str, fmt: str, num_heads: int | None) -> None:
                 raise UserError(f"diffusers' DiTTransformer2DModel expects other weights ({len(missing)} missing, e.g. "
                                 f"{(missing or ['-'])[0]}; {len(unexpected)} unexpected)")
             model.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, dst)
+        if os.path.isdir(dst):  # --force over a folder: move the old one aside only once the new one is complete
+            old = tmp + ".old"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -234,8 +240,6 @@ def main(argv=None) -> int:
             cfg = config_from_state_dict(sd)
         except ValueError as e:
             raise UserError(f"{args.src}: {e}") from None
-        if os.path.isdir(args.dst):
-            shutil.rmtree(args.dst)
         write(sd, args.dst, fmt, args.num_heads)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
