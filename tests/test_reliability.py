@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import REPO, TINY, TRAIN, only_run_dir, read_metrics, run_train
+from helpers import REPO, TINY, TRAIN, only_run_dir, read_metrics, run, run_train
 from opendit.checkpoint import list_checkpoints, load_checkpoint, write_manifest
 
 STEPS = ["--batch_size", "16", "--log_every", "1", "--ckpt_keep", "0"]
@@ -192,11 +192,18 @@ def test_injected_nan_skips_exactly_that_step_on_both_ranks(tmp_path):
     assert "step 3: non-finite loss; update skipped on every rank" in open(os.path.join(run_dir, "log.txt")).read()
 
 
-@pytest.mark.slow
-def test_sigterm_on_two_processes_then_resume_matches_an_uninterrupted_run(tmp_path):
-    ref_out, out = tmp_path / "ref", tmp_path / "run"
-    r = run_train(*TINY, *STEPS, "--max_steps", "10", "--outputs", str(ref_out), nproc=2)
+@pytest.fixture(scope="module")
+def two_process_reference(tmp_path_factory):
+    """An uninterrupted 2-process run of 10 steps: its losses."""
+    out = tmp_path_factory.mktemp("two_proc_ref")
+    r = run_train(*TINY, *STEPS, "--max_steps", "10", "--outputs", str(out), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    return losses(only_run_dir(out))
+
+
+@pytest.mark.slow
+def test_sigterm_on_two_processes_then_resume_matches_an_uninterrupted_run(tmp_path, two_process_reference):
+    out = tmp_path / "run"
     # SIGTERM reaches rank 1 only, during step 4: both ranks finish step 4, write one checkpoint and exit 0
     r = run_train(*TINY, *STEPS, "--max_steps", "10", "--ckpt_every", "100", "--outputs", str(out), nproc=2,
                   env_extra={"OPENDIT_FAULT": "sigterm@4:rank1"})
@@ -208,7 +215,21 @@ def test_sigterm_on_two_processes_then_resume_matches_an_uninterrupted_run(tmp_p
     r = run_train(*TINY, *STEPS, "--max_steps", "10", "--ckpt_every", "100", "--outputs", str(out), "--load", "auto",
                   nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_losses(losses(run_dir), losses(only_run_dir(ref_out)), range(1, 11))
+    assert_same_losses(losses(run_dir), two_process_reference, range(1, 11))
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_crash_continues_from_the_last_checkpoint(tmp_path, two_process_reference):
+    """torchrun --max-restarts 1 with --load auto: rank 1 dies in step 7 (first attempt only); the restarted workers
+    resume from the step-5 checkpoint and finish with the uninterrupted losses."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           TRAIN, *TINY, *STEPS, "--max_steps", "10", "--ckpt_every", "5", "--outputs", str(tmp_path), "--load", "auto"]
+    r = run(cmd, env_extra={"OMP_NUM_THREADS": "1", "OPENDIT_FAULT": "crash@7:rank1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)  # the restart found the first attempt's run
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "resumed from" in log and "global_step5 at epoch 0, global step 5" in log
+    assert_same_losses(losses(run_dir), two_process_reference, range(1, 11))
 
 
 @pytest.mark.slow

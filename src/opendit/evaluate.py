@@ -43,7 +43,7 @@ class ImageSource:
         self.array: np.ndarray | None = None
         self.files: list[str] = []
         self.stats: dict | None = None
-        if role == "reference" and path == "digits":
+        if path == "digits" and not os.path.exists(path):  # scikit-learn's bundled real digits
             from .digits_eval import real_digits
 
             images, _ = real_digits()

@@ -5,6 +5,7 @@
     nan_loss@3          the loss of global step 3 (1-based, the step being computed) becomes NaN
     sigterm@4:rank0     rank 0 sends itself SIGTERM during step 4
     kill_in_save@6      the process is SIGKILLed while writing the checkpoint of step 6 (after the weights file)
+    crash@7:rank1       rank 1 dies (exit 1, no cleanup) during step 7, on torchrun's first attempt only
 
 Without ``:rankR`` a fault fires on every rank.
 """
@@ -15,7 +16,7 @@ import os
 import re
 import signal
 
-_SPEC = re.compile(r"^(nan_loss|sigterm|kill_in_save)@(\d+)(?::rank(\d+))?$")
+_SPEC = re.compile(r"^(nan_loss|sigterm|kill_in_save|crash)@(\d+)(?::rank(\d+))?$")
 
 
 def _parse(text: str) -> list[tuple[str, int, int | None]]:
@@ -40,6 +41,11 @@ def armed(kind: str, step: int, rank: int | None = None) -> bool:
 def maybe_signal(step: int) -> None:
     if armed("sigterm", step):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def maybe_crash(step: int) -> None:
+    if armed("crash", step) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os._exit(1)
 
 
 def maybe_kill_in_save(step: int) -> None:

@@ -500,6 +500,7 @@ def train(args) -> int:
                 if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm is a replicated DTensor
                     grad_norm = grad_norm.full_tensor()
                 faults.maybe_signal(global_step + 1)
+                faults.maybe_crash(global_step + 1)
                 flags[0] = ~torch.isfinite(loss.detach())
                 flags[1] = ~torch.isfinite(grad_norm.detach())
                 flags[2] = float(stop.signum != 0)
