@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import REPO, TINY, TRAIN, only_run_dir, read_metrics, run, run_train
+from helpers import REPO, TINY, TRAIN, only_run_dir, read_metrics, run_train
 from opendit.checkpoint import list_checkpoints, load_checkpoint, write_manifest
 
 STEPS = ["--batch_size", "16", "--log_every", "1", "--ckpt_keep", "0"]
@@ -219,14 +219,21 @@ def test_sigterm_on_two_processes_then_resume_matches_an_uninterrupted_run(tmp_p
 
 
 @pytest.mark.slow
-def test_torchrun_restart_after_a_crash_continues_from_the_last_checkpoint(tmp_path, two_process_reference):
-    """torchrun --max-restarts 1 with --load auto: rank 1 dies in step 7 (first attempt only); the restarted workers
-    resume from the step-5 checkpoint and finish with the uninterrupted losses."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           TRAIN, *TINY, *STEPS, "--max_steps", "10", "--ckpt_every", "5", "--outputs", str(tmp_path), "--load", "auto"]
-    r = run(cmd, env_extra={"OMP_NUM_THREADS": "1", "OPENDIT_FAULT": "crash@7:rank1"})
+def test_restart_after_a_crash_continues_from_the_last_checkpoint(tmp_path, two_process_reference):
+    """A 2-process run where rank 1 dies (exit 1, no cleanup) in step 7, then the same command again with --load auto:
+    it finds the run, resumes from the step-5 checkpoint and finishes with the uninterrupted losses.
+
+    The second start is a second torchrun rather than torchrun --max-restarts: with gloo on this machine torchrun's own
+    re-rendezvous hangs in about half of the restarts even for a 20-line script that only all-reduces (measured), so the
+    in-process restart cannot be tested reliably here; the resume logic it relies on is the same."""
+    cmd = [*TINY, *STEPS, "--max_steps", "10", "--ckpt_every", "5", "--outputs", str(tmp_path), "--load", "auto"]
+    r = run_train(*cmd, nproc=2, env_extra={"OPENDIT_FAULT": "crash@7:rank1"})
+    assert r.returncode != 0
+    run_dir = only_run_dir(tmp_path)
+    assert [os.path.basename(c) for c in list_checkpoints(run_dir)] == ["epoch0-global_step5"]
+    r = run_train(*cmd, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    run_dir = only_run_dir(tmp_path)  # the restart found the first attempt's run
+    assert only_run_dir(tmp_path) == run_dir  # --load auto found the crashed run
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "resumed from" in log and "global_step5 at epoch 0, global step 5" in log
     assert_same_losses(losses(run_dir), two_process_reference, range(1, 11))

@@ -5,7 +5,7 @@
     nan_loss@3          the loss of global step 3 (1-based, the step being computed) becomes NaN
     sigterm@4:rank0     rank 0 sends itself SIGTERM during step 4
     kill_in_save@6      the process is SIGKILLed while writing the checkpoint of step 6 (after the weights file)
-    crash@7:rank1       rank 1 dies (exit 1, no cleanup) during step 7, on torchrun's first attempt only
+    crash@7:rank1       rank 1 dies (exit 1, no cleanup) during step 7 (on torchrun's first attempt only)
 
 Without ``:rankR`` a fault fires on every rank.
 """
