@@ -34,7 +34,7 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     """Flags shared by sample_dit.py and sample_ddp.py."""
     a = p.add_argument
     a("--ckpt", required=True, help="a bare state dict (.pt), ema.pt, .safetensors, epochX-global_stepY/model, a "
-                                    "checkpoint directory or a run directory (its latest checkpoint)")
+                                    "checkpoint directory or a run directory (its newest intact checkpoint)")
     a("--model", default=None, help="checked against the checkpoint (read from it when omitted)")
     a("--image_size", type=int, default=None, help="checked against the checkpoint's token grid (read from it when omitted)")
     a("--num_classes", type=int, default=None, help="checked against the checkpoint")
