@@ -73,7 +73,7 @@ def test_diffusers_round_trip_and_numerics(ckpt, tmp_path):
         m.t_embedder.freq_shift = 0  # the DiT release's
         release = m(x, t, y)
     assert got.shape == want.shape == (3, 8, 16, 16)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # measured identical here (outputs ~1)
     # the frequency convention alone changes the output: documented, not hidden
     assert (release - want).abs().max() > 1e-3
 

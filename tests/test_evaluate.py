@@ -162,6 +162,7 @@ def digit_sets(tmp_path_factory):
     for i in range(200):
         Image.fromarray(u8[i, ..., 0]).save(folder / f"{i:04d}.png")
     np.savez(root / "first200.npz", arr_0=u8[:200])
+    np.savez(root / "stats.npz", mu=np.zeros(128), sigma=np.eye(128))
     return root
 
 
@@ -223,6 +224,7 @@ def test_eval_cli_with_a_plugged_in_extractor(digit_sets, capsys):
     (["{d}/real.npz", "{d}/real.npz", "--features", "nope"], "unknown --features"),
     (["{d}/real.npz", "{d}/real.npz", "--inception", "{d}/missing.pth"], "no such file"),
     (["{d}/real.npz", "{d}/folder", "--features", "digits", "--batch_size", "0"], "must be positive"),
+    (["{d}/real.npz", "{d}/stats.npz", "--features", "digits", "--save_stats", "{d}/x.npz"], "holds statistics already"),
 ])
 def test_eval_errors_are_one_line(digit_sets, capsys, args, expected):
     assert evaluate.main([a.format(d=digit_sets) for a in args]) == 2

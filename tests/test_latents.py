@@ -73,7 +73,8 @@ def test_training_on_latents_matches_training_with_the_vae_in_the_loop(setup, tm
     lat, img = read_metrics(only_run_dir(tmp_path / "lat")), read_metrics(only_run_dir(tmp_path / "img"))
     assert sorted(lat) == list(range(1, 7))  # two epochs: flips and posterior noise are redrawn
     for s in lat:
-        assert lat[s]["loss"] == pytest.approx(img[s]["loss"], rel=1e-4), s
+        # the same fp32 posteriors and noise: measured equal to the last bit here; 1e-6 leaves room for other BLAS builds
+        assert lat[s]["loss"] == pytest.approx(img[s]["loss"], rel=1e-6), s
     cfg = json.load(open(os.path.join(only_run_dir(tmp_path / "lat"), "config.json")))
     assert (cfg["in_channels"], cfg["input_size"], cfg["image_size"]) == (4, 8, 16)
     assert os.path.exists(os.path.join(only_run_dir(tmp_path / "lat"), "samples.png"))  # decoded by the index's VAE
@@ -96,3 +97,8 @@ def test_extraction_resumes_and_errors(setup, tmp_path):
     r = run_train("--dataset", "latents", "--data_path", str(tmp_path / "none"), "--model", "DiT-N/2", "--device", "cpu",
                   "--outputs", str(tmp_path / "o"))
     assert r.returncode == 2 and "extract_features.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # a VAE other than the extraction's is refused, not ignored
+    r = run_train("--dataset", "latents", "--data_path", str(setup / "feats"), "--vae", "mse", "--model", "DiT-N/2",
+                  "--device", "cpu", "--outputs", str(tmp_path / "o"))
+    assert r.returncode == 2 and "were extracted with" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

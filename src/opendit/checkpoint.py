@@ -65,12 +65,6 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, n) for _, n in sorted(found)]
 
 
-def resolve_checkpoint(path: str, flag: str = "--load") -> str:
-    """A checkpoint directory, or a run directory meaning its latest checkpoint (no integrity check: see
-    ``find_resumable``)."""
-    return _candidates(path, flag)[0]
-
-
 def _candidates(path: str, flag: str) -> list[str]:
     """Checkpoints to try for ``path``, best first: the directory itself, or a run's ``latest`` then newest to oldest."""
     if not os.path.exists(path):
@@ -92,20 +86,25 @@ def _candidates(path: str, flag: str) -> list[str]:
     return ckpts
 
 
-def find_resumable(path: str, flag: str = "--load") -> tuple[str, dict, list[str]]:
-    """(checkpoint directory, its loaded state, warnings) for ``path``. A checkpoint directory must be intact (else a
-    one-line error); for a run directory, corrupt checkpoints are skipped (each with a warning) for the newest intact
-    one."""
+def first_intact(path: str, load, flag: str = "--load") -> tuple[str, object, list[str]]:
+    """(checkpoint directory, ``load(it)``, warnings) for ``path``. ``load`` raises CorruptCheckpoint for a damaged
+    checkpoint. A checkpoint directory must be intact (else that one-line error); for a run directory, corrupt
+    checkpoints are skipped (each with a warning) for the newest intact one."""
     candidates = _candidates(path, flag)
     warnings = []
     for c in candidates:
         try:
-            return c, load_checkpoint(c), warnings
+            return c, load(c), warnings
         except CorruptCheckpoint as e:
-            if len(candidates) == 1 and is_checkpoint_dir(path):
+            if c == path:  # named explicitly
                 raise
             warnings.append(f"skipping {c}: {e}")
-    raise CorruptCheckpoint(f"{flag} {path}: every checkpoint is corrupt ({warnings[0] if warnings else ''})")
+    raise CorruptCheckpoint(f"{flag} {path}: every checkpoint is corrupt ({warnings[0]})")
+
+
+def find_resumable(path: str, flag: str = "--load") -> tuple[str, dict, list[str]]:
+    """(checkpoint directory, its loaded state, warnings): ``first_intact`` with ``load_checkpoint``."""
+    return first_intact(path, load_checkpoint, flag)
 
 
 def find_auto_resume(outputs: str, model_name: str) -> str | None:
@@ -139,7 +138,7 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic_text(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -159,7 +158,7 @@ def write_manifest(ckpt_dir: str) -> None:
                 continue
             _fsync_path(full)
             files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
-    _write_atomic_text(os.path.join(ckpt_dir, MANIFEST), json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
+    write_text_atomic(os.path.join(ckpt_dir, MANIFEST), json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
 
 
 def verify_manifest(ckpt_dir: str, only: tuple[str, ...] | None = None) -> bool:
@@ -224,7 +223,7 @@ def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: di
         old = os.path.join(run_dir, f".old-{name}-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
-    _write_atomic_text(os.path.join(run_dir, LATEST), name + "\n")
+    write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
     _fsync_path(run_dir)
     if old:
         shutil.rmtree(old, ignore_errors=True)
@@ -308,7 +307,7 @@ def check_fits(own: dict, state: dict, what: str) -> None:
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-def _load_weights_file(path: str) -> dict:
+def load_state_dict_file(path: str) -> dict:
     if path.endswith(".safetensors"):
         try:
             return load_file(path)
@@ -347,18 +346,13 @@ def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str,
         raise UserError(f"--ckpt {path}: no such file or directory")
     if os.path.isfile(path):
         cfg = run_config_for(os.path.dirname(path)) if os.path.basename(path) == EMA_FILE else None
-        return _load_weights_file(path), path, cfg
+        return load_state_dict_file(path), path, cfg
     if os.path.isfile(os.path.join(path, "model.safetensors")):  # epochXX-global_stepXX/model
-        return _load_weights_file(os.path.join(path, "model.safetensors")), path, run_config_for(os.path.dirname(path))
+        return load_state_dict_file(os.path.join(path, "model.safetensors")), path, run_config_for(os.path.dirname(path))
     rel = MODEL_FILE if use_model_weights else EMA_FILE
-    candidates = _candidates(path, "--ckpt")
-    for ckpt_dir in candidates:  # a run directory: the newest checkpoint whose weights file passes its manifest
-        try:
-            verify_manifest(ckpt_dir, only=(rel.replace(os.sep, "/"),))
-        except CorruptCheckpoint as e:
-            if ckpt_dir == candidates[-1]:
-                raise
-            print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
-            continue
-        file = os.path.join(ckpt_dir, rel)
-        return _load_weights_file(file), file, run_config_for(ckpt_dir)
+    # a run directory: the newest checkpoint whose weights file passes its manifest
+    ckpt_dir, _, warnings = first_intact(path, lambda d: verify_manifest(d, only=(rel.replace(os.sep, "/"),)), "--ckpt")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    file = os.path.join(ckpt_dir, rel)
+    return load_state_dict_file(file), file, run_config_for(ckpt_dir)

@@ -23,9 +23,9 @@ import shutil
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import load_weights
+from .checkpoint import load_state_dict_file, load_weights
 from .errors import ArgumentParser, UserError
 from .models.dit import config_from_state_dict, sincos_2d
 
@@ -109,18 +109,11 @@ def read_diffusers(path: str) -> tuple[dict, dict]:
         cfg = json.load(f)
     if cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or not cfg.get("patch_size"):
         raise UserError(f"{path}: a diffusers transformer that is not a DiT (norm_type {cfg.get('norm_type')!r})")
-    weights = os.path.join(path, "diffusion_pytorch_model.safetensors")
-    try:
-        if os.path.isfile(weights):
-            dsd = load_file(weights)
-        elif os.path.isfile(weights := os.path.join(path, "diffusion_pytorch_model.bin")):
-            dsd = torch.load(weights, map_location="cpu", weights_only=True)
-        else:
-            raise UserError(f"{path}: no diffusion_pytorch_model.safetensors (sharded diffusers weights are not supported)")
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{weights}: unreadable ({str(e).splitlines()[0][:160]})") from None
+    files = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+    weights = next((f for f in files if os.path.isfile(f)), None)
+    if weights is None:
+        raise UserError(f"{path}: no diffusion_pytorch_model.safetensors (sharded diffusers weights are not supported)")
+    dsd = load_state_dict_file(weights)  # safetensors, or a weights_only .bin
     depth = cfg["num_layers"]
     try:
         sd = from_diffusers(dsd, depth)

@@ -28,9 +28,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .data.datasets import IMAGE_EXTENSIONS
 from .errors import ArgumentParser, UserError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+from .images import to_uint8
+from .metrics import mean_cov
+from .sample import generate
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -57,6 +59,13 @@ class ImageSource:
             self._load_npz(path)
         else:
             raise UserError(f"{role} {path}: no such file or directory")
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, role: str) -> "ImageSource":
+        """Images already in memory: uint8 (N, H, W, C)."""
+        src = cls.__new__(cls)
+        src.path, src.role, src.array, src.files, src.stats = "<memory>", role, array, [], None
+        return src
 
     def _load_npz(self, path: str) -> None:
         try:
@@ -279,10 +288,15 @@ def precision_recall(samples: torch.Tensor, reference: torch.Tensor, k: int = 3,
     return _covered(s, r, _knn_radii(r, k, chunk), chunk), _covered(r, s, _knn_radii(s, k, chunk), chunk)
 
 
-def save_stats(path: str, features: torch.Tensor, extractor_name: str) -> None:
-    f = features.double().numpy()
+def feature_stats(features: torch.Tensor, extractor_name: str) -> dict:
+    """What FID needs of a reference (and what --save_stats writes): mean, covariance, count, extractor name."""
+    mu, sigma = mean_cov(features.numpy())
+    return {"mu": mu, "sigma": sigma, "n": len(features), "features": extractor_name}
+
+
+def save_stats(path: str, stats: dict) -> None:
     tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=len(f), features=extractor_name)
+    np.savez(tmp, **stats)
     os.replace(tmp, path)
 
 
@@ -310,6 +324,10 @@ def run_eval(args) -> dict:
         raise UserError("--batch_size and --splits must be positive")
     if args.save_stats and os.path.isdir(args.save_stats):
         raise UserError(f"--save_stats {args.save_stats} is a directory")
+    if args.save_stats and args.reference.endswith(".npz") and os.path.isfile(args.reference):
+        with np.load(args.reference, allow_pickle=False) as d:
+            if "arr_0" not in d.files:
+                raise UserError(f"--save_stats: the reference {args.reference} holds statistics already, not images")
     _torchmetrics()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -321,7 +339,7 @@ def run_eval(args) -> dict:
     extractor = build_extractor(args.features, args.inception, device)
     name = getattr(extractor, "name", args.features)
     need_images = args.kid or args.precision_recall
-    use_stats = reference.stats is not None and (not reference.has_images or args.save_stats is None) and not need_images
+    use_stats = reference.stats is not None and not args.save_stats and not need_images
     if use_stats and reference.stats.get("features") not in (None, name):
         raise UserError(f"reference {args.reference} holds {reference.stats['features']} statistics, not {name}")
     if len(samples) < 2:
@@ -331,7 +349,7 @@ def run_eval(args) -> dict:
     if not use_stats:
         r_feat, _ = extract(reference, extractor, args.batch_size, "reference")
         if args.save_stats:
-            save_stats(args.save_stats, r_feat, name)
+            save_stats(args.save_stats, feature_stats(r_feat, name))
     out = {"fid": fid_from(s_feat, r_feat, reference.stats if use_stats else None)}
     if s_logits is not None:
         if len(s_logits) < args.splits:
@@ -393,28 +411,21 @@ class PeriodicFID:
         cached = os.path.join(self.dir, "reference_stats.npz")
         if reference is not None:
             src = ImageSource(reference, "--eval_reference")
-            if src.stats is not None and not src.has_images:
-                self.stats = src.stats
-            else:
-                feats, _ = extract(src, self.extractor, batch_size, "eval reference")
-                self.stats = {"mu": feats.mean(0).numpy(), "sigma": np.cov(feats.numpy(), rowvar=False), "n": len(feats)}
+            self.stats = src.stats if src.stats is not None and not src.has_images else \
+                feature_stats(extract(src, self.extractor, batch_size, "eval reference")[0], self.name)
         elif os.path.isfile(cached):  # a resumed run
             self.stats = ImageSource(cached, "reference").stats
         else:
-            if not hasattr(dataset, "batch") and not hasattr(dataset, "samples"):
-                raise UserError("--eval_every on precomputed latents needs --eval_reference (images or statistics)")
-            feats = self._training_features(dataset, reference_images, device)
-            save_stats(cached, feats, self.name)
-            self.stats = ImageSource(cached, "reference").stats
+            self.stats = feature_stats(self._training_features(dataset, reference_images), self.name)
+            save_stats(cached, self.stats)
 
-    def _training_features(self, dataset, limit: int, device) -> torch.Tensor:
+    def _training_features(self, dataset, limit: int) -> torch.Tensor:
+        """Features of ``limit`` training images (a seeded random subset), unflipped, at the training resolution."""
         from .data.latents import LatentDataset
-        from .images import to_uint8
 
         if isinstance(dataset, LatentDataset):
             raise UserError("--eval_every on precomputed latents needs --eval_reference (images or statistics)")
-        g = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(dataset), generator=g)[:limit]
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:limit]
         feats = []
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
@@ -422,15 +433,11 @@ class PeriodicFID:
                 x, _ = dataset.batch(idx, torch.zeros(len(idx), dtype=torch.bool))
             else:  # an image folder (an unreadable file gives the next image, as in training)
                 x = torch.stack([dataset[(int(j), False)][0] for j in idx])
-            u8 = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)
-            feats.append(self.extractor(u8)[0].double().cpu())
+            feats.append(self.extractor(torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2))[0].double().cpu())
         return torch.cat(feats)
 
     @torch.no_grad()
     def __call__(self, step: int, model, codec, *, num_classes: int, shape, device, precision) -> float:
-        from .images import to_uint8
-        from .sample import generate
-
         model.eval()
         g = torch.Generator(device=device).manual_seed(self.seed)
         labels = torch.arange(self.num_samples, device=device) % num_classes
@@ -446,6 +453,5 @@ class PeriodicFID:
         path = os.path.join(self.dir, f"step{step:07d}.npz")
         np.savez(path + ".tmp.npz", arr_0=arr, arr_1=labels.cpu().numpy())
         os.replace(path + ".tmp.npz", path)
-        feats = [self.extractor(torch.from_numpy(arr[i:i + self.batch_size]).permute(0, 3, 1, 2))[0].double().cpu()
-                 for i in range(0, len(arr), self.batch_size)]
-        return fid_from(torch.cat(feats), reference_stats=self.stats)
+        feats, _ = extract(ImageSource.from_array(arr, "samples"), self.extractor, self.batch_size, "eval samples")
+        return fid_from(feats, reference_stats=self.stats)

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import parallel
+from .checkpoint import write_text_atomic
 from .data import ImageFolder, build_dataset
 from .data.latents import FORMAT, INDEX, PARTS, shard_paths
 from .errors import ArgumentParser, UserError
@@ -47,17 +48,20 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _load_batch(dataset, indices: list[int], num_workers: int):
-    """(images (B, 3, S, S) in [-1, 1], labels (B,), problems) for the given source positions."""
-    if isinstance(dataset, ImageFolder):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=len(indices), num_workers=num_workers,
-                                             sampler=[(i, False) for i in indices],
-                                             worker_init_fn=ignore_in_worker if num_workers else None)
-        x, y, problems = next(iter(loader))
-        return x, y.long(), [p for p in problems if p]
-    idx = torch.tensor(indices)
-    x, y = dataset.batch(idx, torch.zeros(len(indices), dtype=torch.bool))
-    return x, y, []
+def source_batches(dataset, lo: int, hi: int, batch_size: int, num_workers: int):
+    """(images (B, 3, S, S) in [-1, 1], labels (B,), problems) for source positions lo..hi-1 in order; an image folder is
+    read by one DataLoader (its workers live for the whole range)."""
+    starts = range(lo, hi, batch_size)
+    if not isinstance(dataset, ImageFolder):
+        for start in starts:
+            idx = torch.arange(start, min(hi, start + batch_size))
+            yield (*dataset.batch(idx, torch.zeros(len(idx), dtype=torch.bool)), [])
+        return
+    keys = [[(i, False) for i in range(start, min(hi, start + batch_size))] for start in starts]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=num_workers,
+                                         worker_init_fn=ignore_in_worker if num_workers else None)
+    for x, y, problems in loader:
+        yield x, y.long(), [p for p in problems if p]
 
 
 def write_shard(root: str, name: str, arrays: dict) -> None:
@@ -97,21 +101,20 @@ def extract(args) -> int:
     for k in mine:
         lo, hi = k * args.shard_size, min(n, (k + 1) * args.shard_size)
         means, stds, labels = [], [], []
-        for start in range(lo, hi, args.batch_size):
-            idx = list(range(start, min(hi, start + args.batch_size)))
-            x, y, problems = _load_batch(dataset, idx, args.num_workers)
+        for x, y, problems in source_batches(dataset, lo, hi, args.batch_size, args.num_workers):
             for line in problems:
                 skipped_bad += 1
                 print(f"warning: unreadable image {line}: its slot holds the next readable image", file=sys.stderr)
             if bool((y < 0).any()):
-                raise UserError(f"no readable image near {problems[0] if problems else idx[0]}")
+                raise UserError(f"no readable image among {ImageFolder.MAX_SUBSTITUTES + 1} files in a row, "
+                                f"starting with {problems[0]}")
             x = x.to(env.device)
             m0, s0 = codec.posterior(x)
             m1, s1 = codec.posterior(x.flip(-1))
             means.append(torch.stack([m0, m1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
             stds.append(torch.stack([s0, s1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
             labels.append(y.numpy().astype(np.int64))
-            bar.update(len(idx))
+            bar.update(len(y))
         write_shard(args.features_path, names[k], {"mean": np.concatenate(means), "std": np.concatenate(stds),
                                                    "label": np.concatenate(labels), "index": np.arange(lo, hi)})
     bar.close()
@@ -126,10 +129,7 @@ def extract(args) -> int:
                  "data_path": os.path.abspath(args.data_path), "num_images": n,
                  "class_names": list(dataset.class_names),
                  "shards": [{"name": nm, "count": min(args.shard_size, n - i * args.shard_size)} for i, nm in enumerate(names)]}
-        tmp = os.path.join(args.features_path, INDEX + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(tmp, os.path.join(args.features_path, INDEX))
+        write_text_atomic(os.path.join(args.features_path, INDEX), json.dumps(index, indent=1))
         print(f"wrote {n} images x 2 (unflipped, flipped) as {args.dtype} posteriors "
               f"{codec.latent_channels}x{side}x{side} in {num_shards} shard(s) to {args.features_path}")
     if skipped_bad:

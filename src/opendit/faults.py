@@ -12,6 +12,7 @@ Without ``:rankR`` a fault fires on every rank.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import signal
 _SPEC = re.compile(r"^(nan_loss|sigterm|kill_in_save|crash)@(\d+)(?::rank(\d+))?$")
 
 
+@functools.lru_cache(maxsize=4)  # asked several times per training step
 def _parse(text: str) -> list[tuple[str, int, int | None]]:
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):

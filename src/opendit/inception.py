@@ -12,7 +12,6 @@ eps 1e-3, and TensorFlow-1 preprocessing (bilinear resize to 299 without half-pi
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -208,14 +207,10 @@ def fetch_weights(path: str | None) -> str:
     if os.environ.get("OPENDIT_OFFLINE"):
         raise UserError(f"the FID Inception weights are not in {cached} and OPENDIT_OFFLINE is set; {hint}")
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(WEIGHTS_URL, cached, hash_prefix=None, progress=True)
-    except Exception as e:  # no network, HTTP error
+    try:  # torch.hub writes a temporary file, checks its SHA-256 prefix, and only then moves it into place
+        torch.hub.download_url_to_file(WEIGHTS_URL, cached, hash_prefix=WEIGHTS_SHA256_PREFIX, progress=True)
+    except Exception as e:  # no network, HTTP error, a wrong hash
         raise UserError(f"cannot download the FID Inception weights ({str(e).splitlines()[0][:120]}); {hint}") from None
-    with open(cached, "rb") as f:
-        if not hashlib.sha256(f.read()).hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
-            os.remove(cached)
-            raise UserError(f"the downloaded {WEIGHTS_NAME} fails its SHA-256 check; {hint}")
     return cached
 
 

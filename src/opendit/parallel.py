@@ -108,6 +108,21 @@ def all_reduce_(t: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def on_rank0(fn, env: DistEnv):
+    """``fn()`` on global rank 0 only, its result there (None elsewhere). A UserError it raises is raised on every rank
+    with the same message, so no rank waits forever for a rank that gave up."""
+    result, problem = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            problem = str(e)
+    problem = broadcast_object(problem, env)
+    if problem:
+        raise UserError(problem)
+    return result
+
+
 def broadcast_object(obj, env: DistEnv, src: int = 0):
     if not env.distributed:
         return obj

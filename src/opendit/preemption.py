@@ -13,7 +13,8 @@ HANDLED = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """Install with ``with StopRequest() as stop:``; ``stop.signum`` is the first signal received (0 if none)."""
+    """``with StopRequest() as stop:`` (or ``install()`` / ``restore()``); ``stop.signum`` is the first signal received
+    (0 if none)."""
 
     def __init__(self):
         self.signum = 0
@@ -34,14 +35,22 @@ class StopRequest:
         """0 after SIGTERM (a clean preemption: schedulers and torchrun treat it as success), 130 after SIGINT."""
         return 130 if self.signum == signal.SIGINT else 0
 
-    def __enter__(self):
+    def install(self) -> "StopRequest":
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc):
+    def restore(self) -> None:
+        """Put back the handlers that were there before ``install``."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.restore()
         return False
 
 

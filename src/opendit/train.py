@@ -38,6 +38,7 @@ from .flops import dit_train_flops_per_image, model_cost_config
 from .images import labelled_grid, save_image_atomic
 from .models import AttentionBackendError, DiT_models
 from .preemption import StopRequest
+from .sample import generate
 from .vae import load_vae, resolve_vae
 
 
@@ -49,7 +50,7 @@ def build_parser() -> ArgumentParser:
     a("--model", default="DiT-XL/2", help="one of opendit.models.DiT_models (DiT-XL/2 ... DiT-S/8, DiT-T/*, DiT-N/*)")
     a("--dataset", default="cifar10",
       help="cifar10, imagefolder, digits (scikit-learn's 8x8 digits, offline) or latents (a folder written by "
-           "scripts/dit/extract_features.py: VAE posteriors of images and their flips; --vae is then ignored)")
+           "scripts/dit/extract_features.py: VAE posteriors of images and their flips; the VAE is the extraction's)")
     a("--data_path", default="./datasets", help="cifar10: folder holding cifar-10-batches-py/; imagefolder: root/<class>/<images>")
     a("--image_size", type=int, default=None, help="training resolution (default: 8 for digits, 256 otherwise)")
     a("--num_classes", type=int, default=None, help="taken from the dataset when omitted; must agree with it")
@@ -208,16 +209,14 @@ def draw_step_randomness(gen: torch.Generator, global_batch: int, sl: slice, sha
 # ----------------------------------------------------------------------------- sample grid
 
 @torch.no_grad()
-def write_sample_grid(path: str, model, diffusion, codec, *, num_classes: int, class_names, per_class: int,
-                      cfg_scale: float, shape, device, seed: int, precision: parallel.Precision) -> None:
+def write_sample_grid(path: str, model, codec, *, num_classes: int, class_names, per_class: int, cfg_scale: float,
+                      shape, device, seed: int, precision: parallel.Precision) -> None:
     classes = list(range(num_classes)) if num_classes <= 10 else list(np.linspace(0, num_classes - 1, 10).round().astype(int))
     labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn((len(labels), *shape), generator=g, device=device)
-    y = torch.cat([labels, torch.full_like(labels, num_classes)])
     with precision.autocast():  # the training precision (flash attention needs bf16/fp16)
-        out = diffusion.dpm_solver_sample_loop(model.forward_with_cfg, (2 * len(labels), *shape), noise=torch.cat([z, z]),
-                                               model_kwargs=dict(y=y, cfg_scale=cfg_scale), num_steps=20)[: len(labels)]
+        out = generate(model, labels, z, sampler="dpm-solver++", steps=20, cfg_scale=cfg_scale)
     images = codec.decode(out.float()) if codec is not None else out.float()
     save_image_atomic(labelled_grid(images, labels.tolist(), class_names), path)
 
@@ -252,6 +251,11 @@ def train(args) -> int:
 
         # --- pixel or latent space
         if args.dataset == "latents":
+            wanted = resolve_vae(args.vae, image_size) if args.vae != "auto" else dataset.vae
+            if wanted != dataset.vae and not (os.path.exists(wanted) and os.path.exists(dataset.vae)
+                                              and os.path.samefile(wanted, dataset.vae)):
+                raise UserError(f"--vae {args.vae}: the latents in {args.data_path} were extracted with {dataset.vae}; "
+                                f"drop --vae or extract again")
             codec, vae_name = PrecomputedLatents(dataset, env.device), dataset.vae
         else:
             vae_name = resolve_vae(args.vae, image_size)
@@ -303,19 +307,16 @@ def train(args) -> int:
             if load is None:
                 notes.append(f"--load auto: no checkpoint of {args.model} under {args.outputs}; starting a new run")
         if load:
-            state, problem = {"model": {}, "ema": {}, "optimizer": {}, "running_states": None}, None
-            if env.is_main:
-                try:
-                    ckpt_dir, state, skipped = ckpt.find_resumable(load)
-                    notes += [f"warning: {w}; resuming from an older checkpoint" for w in skipped]
-                    ckpt.check_fits(shapes, state["model"], f"checkpoint {ckpt_dir} (model)")
-                    ckpt.check_fits(shapes, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")
-                    state["running_states"]["dir"] = ckpt_dir
-                except UserError as e:
-                    problem = str(e)
-            problem = parallel.broadcast_object(problem, env)
-            if problem:
-                raise UserError(problem)
+            def read_checkpoint() -> dict:
+                ckpt_dir, state, skipped = ckpt.find_resumable(load)
+                notes.extend(f"warning: {w}; resuming from an older checkpoint" for w in skipped)
+                ckpt.check_fits(shapes, state["model"], f"checkpoint {ckpt_dir} (model)")
+                ckpt.check_fits(shapes, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")
+                state["running_states"]["dir"] = ckpt_dir
+                return state
+
+            state = parallel.on_rank0(read_checkpoint, env) or {"model": {}, "ema": {}, "optimizer": {},
+                                                                "running_states": None}
             rs = parallel.broadcast_object(state["running_states"], env)
             ckpt_dir = rs["dir"]
             parallel.load_full_model_state(model, state["ema"], env)  # the EMA starts from ema.pt ...
@@ -372,10 +373,10 @@ def train(args) -> int:
         if env.is_main and (stale := ckpt.remove_stale_partials(run_dir)):
             log.info(f"removed what an interrupted checkpoint write left behind: {', '.join(stale)}")
 
-        bad_images_here = torch.zeros((), dtype=torch.float64, device=env.device)  # this rank, this session
+        bad_images_here = 0  # this rank, this session
 
         def total_bad_images() -> int:  # collective
-            return bad_images + int(parallel.all_reduce_(bad_images_here.clone(), env).item())
+            return bad_images + int(parallel.all_reduce_(torch.tensor(float(bad_images_here), device=env.device), env))
 
         def save(at_epoch: int, at_offset: int) -> None:
             # gathered on every rank (collectives), written by rank 0
@@ -403,20 +404,12 @@ def train(args) -> int:
             return m
 
         # --- FID during training (rank 0 samples and scores; the others wait)
-        evaluator, problem = None, None
-        if args.eval_every:
-            if env.is_main:
-                try:
-                    features = args.eval_features if args.eval_features != "auto" else \
-                        ("digits" if args.dataset == "digits" else "inception")
-                    evaluator = PeriodicFID(features=features, inception=args.inception, reference=args.eval_reference,
-                                            dataset=dataset, run_dir=run_dir, num_samples=args.eval_samples,
-                                            cfg_scale=args.eval_cfg_scale, seed=args.global_seed, device=env.device)
-                except UserError as e:
-                    problem = str(e)
-            problem = parallel.broadcast_object(problem, env)
-            if problem:
-                raise UserError(problem)
+        features = args.eval_features if args.eval_features != "auto" else \
+            ("digits" if args.dataset == "digits" else "inception")
+        evaluator = parallel.on_rank0(lambda: PeriodicFID(
+            features=features, inception=args.inception, reference=args.eval_reference, dataset=dataset, run_dir=run_dir,
+            num_samples=args.eval_samples, cfg_scale=args.eval_cfg_scale, seed=args.global_seed, device=env.device),
+            env) if args.eval_every else None
 
         def evaluate_fid() -> None:
             ema_state = ema.state_dict(env)  # collective
@@ -441,7 +434,8 @@ def train(args) -> int:
             if bool((labels < 0).any()):
                 raise RankError(f"no readable image among {ImageFolder.MAX_SUBSTITUTES + 1} files in a row, starting "
                                 f"with {first}; is --data_path right?")
-            bad_images_here.add_(len(problems))
+            nonlocal bad_images_here
+            bad_images_here += len(problems)
             for line in problems:
                 path = line.split(": ", 1)[0]
                 if path not in seen_bad_files:
@@ -464,7 +458,7 @@ def train(args) -> int:
         n_logged, t_last, step_last = 0, time.perf_counter(), global_step
         bad_in_a_row, overflow_steps, stopped = 0, 0, False
         memory = None
-        stop = StopRequest().__enter__()
+        stop = StopRequest().install()
         # the bar only on a terminal (rank 0): batch-job logs get the log lines instead
         bar = tqdm(total=total_steps, initial=global_step, disable=None if env.is_main else True, desc="train",
                    dynamic_ncols=True)
@@ -596,7 +590,7 @@ def train(args) -> int:
         ema_state = ema.state_dict(env) if args.final_samples > 0 else None  # collective
         if args.final_samples > 0 and env.is_main:
             path = os.path.join(run_dir, "samples.png")
-            write_sample_grid(path, ema_model(ema_state), diffusion, codec, num_classes=num_classes, class_names=dataset.class_names,
+            write_sample_grid(path, ema_model(ema_state), codec, num_classes=num_classes, class_names=dataset.class_names,
                               per_class=args.final_samples, cfg_scale=args.final_cfg_scale, shape=shape,
                               device=env.device, seed=args.global_seed, precision=precision)
             log.info(f"wrote {args.final_samples} EMA samples per class (DPM-Solver++ 20 steps, cfg {args.final_cfg_scale}) to {path}")
@@ -611,7 +605,7 @@ def train(args) -> int:
         raise UserError(str(e)) from None
     finally:
         if stop is not None:
-            stop.__exit__()
+            stop.restore()
         log.close()
 
 

@@ -85,11 +85,14 @@ class LatentDataset:
 
     def batch(self, indices: torch.Tensor, flips: torch.Tensor):
         idx = indices.numpy()
-        side = flips.numpy().astype(np.int64)
-        mean = np.stack([self._means[s][r, f] for s, r, f in zip(self._shard[idx], self._row[idx], side)])
-        std = np.stack([self._stds[s][r, f] for s, r, f in zip(self._shard[idx], self._row[idx], side)])
-        x = torch.from_numpy(np.concatenate([mean, std], axis=1)).float()
-        return x, self.labels[indices]
+        shard, row, side = self._shard[idx], self._row[idx], flips.numpy().astype(np.int64)
+        c = self.latent_channels
+        x = np.empty((len(idx), 2 * c, self.latent_size, self.latent_size), dtype=np.float32)
+        for k in np.unique(shard):  # one fancy-indexed read per shard touched
+            sel = shard == k
+            x[sel, :c] = self._means[k][row[sel], side[sel]]
+            x[sel, c:] = self._stds[k][row[sel], side[sel]]
+        return torch.from_numpy(x), self.labels[indices]
 
 
 class PrecomputedLatents:
