@@ -39,8 +39,8 @@ def main() -> None:
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
     t0 = time.perf_counter()
-    path = ckpt.save_checkpoint(args.dir, "epoch0-global_step1", model_state=sd, ema_state=sd, optimizer_state=opt_state,
-                                running_states={"epoch": 0, "epoch_offset": 0, "global_step": 1})
+    path, _ = ckpt.save_checkpoint(args.dir, "epoch0-global_step1", model_state=sd, ema_state=sd,
+                                   optimizer_state=opt_state, running_states={"epoch": 0, "epoch_offset": 0, "global_step": 1})
     t_save = time.perf_counter() - t0
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
     del model, sd, opt_state  # room for the load

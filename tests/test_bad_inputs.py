@@ -33,7 +33,7 @@ def _checkpoint(root, model="DiT-N/2"):
     run_dir = os.path.join(root, model.replace("/", "-"))
     os.makedirs(run_dir, exist_ok=True)
     return save_checkpoint(run_dir, "epoch0-global_step1", model_state=m.state_dict(), ema_state=m.state_dict(),
-                           optimizer_state=opt.state_dict(), running_states={"epoch": 0, "epoch_offset": 0, "global_step": 1})
+                           optimizer_state=opt.state_dict(), running_states={"epoch": 0, "epoch_offset": 0, "global_step": 1})[0]
 
 
 def _altered_checkpoint(root):
@@ -98,10 +98,12 @@ CASES = {
     "train: bad plugin": ("train", ["--plugin", "zero9"], "invalid choice"),
     "train: bad precision": ("train", ["--mixed_precision", "fp8"], "invalid choice"),
     "train: bad on_bad_image": ("train", ["--on_bad_image", "maybe"], "invalid choice"),
-    "train: non-integer steps": ("train", ["--max_steps", "ten"], "invalid int value"),
-    "train: zero batch": ("train", ["--batch_size", "0"], "must be positive"),
-    "train: zero ckpt_every": ("train", ["--ckpt_every", "0"], "must be positive"),
-    "train: negative max_bad_steps": ("train", ["--max_bad_steps", "-1"], "non-negative"),
+    "train: non-integer steps": ("train", ["--max_steps", "ten"], "argument --max_steps: must be an integer >= 1"),
+    "train: zero batch": ("train", ["--batch_size", "0"], "argument --batch_size: must be an integer >= 1, got 0"),
+    "train: zero ckpt_every": ("train", ["--ckpt_every", "0"], "argument --ckpt_every: must be an integer >= 1"),
+    "train: negative max_bad_steps": ("train", ["--max_bad_steps", "-1"], "must be an integer >= 0, got -1"),
+    "train: negative seed (was a traceback and a run directory)": ("train", ["--global_seed", "-1"], "argument --global_seed"),
+    "train: nan lr (was a traceback)": ("train", ["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
     "train: flash on cpu": ("train", ["--enable_flashattn"], "needs a CUDA GPU"),
     "train: outputs is a file": ("train", ["--outputs", "{afile}"], "is a file, not a directory"),
     "train: vae path missing": ("train", ["--vae", "{tmp}/no-vae"], "no such directory"),
@@ -118,7 +120,7 @@ CASES = {
     "sample: altered checkpoint": (SAMPLE, ["--ckpt", "{altered}"], "fails its SHA-256 check"),
     "sample: wrong model": (SAMPLE, ["--ckpt", "{ckpt}", "--model", "DiT-S/2"], "--model is DiT-S/2"),
     "sample: bad labels": (SAMPLE, ["--ckpt", "{ckpt}", "--labels", "3,x"], "comma-separated list"),
-    "sample-ddp: zero samples": (SAMPLE_DDP, ["--ckpt", "{ckpt}", "--num_samples", "0"], "must be positive"),
+    "sample-ddp: zero samples": (SAMPLE_DDP, ["--ckpt", "{ckpt}", "--num_samples", "0"], "must be an integer >= 1"),
     # the hostfile launcher
     "run: missing hostfile": (LAUNCH, ["--hostfile", "{tmp}/hosts", "scripts/dit/train.py"], "No such file"),
     "run: malformed hostfile": (LAUNCH, ["--hostfile", "{hosts_bad}", "scripts/dit/train.py"], "expected 'HOST [slots=N]'"),
@@ -160,3 +162,61 @@ def test_bad_input_is_one_clear_line(tmp_path, case):
 
 def test_there_are_at_least_twenty_distinct_cases():
     assert len({(str(p), tuple(a)) for p, a, _ in CASES.values()}) >= 20
+
+
+# Every numeric flag of every program is checked while the command line is parsed (in process: no subprocess needed):
+# a non-finite or out-of-range value is one line naming the flag and the allowed range, before anything is written.
+NUMERIC = [
+    ("opendit.train", ["--lr", "inf"], "--lr", "a finite number > 0"),
+    ("opendit.train", ["--lr", "-0.5"], "--lr", "a finite number > 0"),
+    ("opendit.train", ["--final_cfg_scale", "nan"], "--final_cfg_scale", "a finite number >= 0"),
+    ("opendit.train", ["--eval_cfg_scale", "-1.5"], "--eval_cfg_scale", "a finite number >= 0"),
+    ("opendit.train", ["--ema_decay", "1.5"], "--ema_decay", "in [0, 1]"),
+    ("opendit.train", ["--grad_clip", "nan"], "--grad_clip", ">= 0"),
+    ("opendit.train", ["--global_seed", "-1"], "--global_seed", "an integer in [0, 4294967295]"),
+    ("opendit.train", ["--global_seed", str(2**64)], "--global_seed", "an integer in [0,"),
+    ("opendit.train", ["--warmup_steps", "-5"], "--warmup_steps", "an integer >= 0"),
+    ("opendit.train", ["--image_size", "0"], "--image_size", "an integer >= 1"),
+    ("opendit.train", ["--num_classes", "-3"], "--num_classes", "an integer >= 1"),
+    ("opendit.train", ["--epochs", "0"], "--epochs", "an integer >= 1"),
+    ("opendit.train", ["--log_every", "0"], "--log_every", "an integer >= 1"),
+    ("opendit.train", ["--ckpt_keep", "-1"], "--ckpt_keep", "an integer >= 0"),
+    ("opendit.train", ["--num_workers", "-2"], "--num_workers", "an integer >= 0"),
+    ("opendit.train", ["--final_samples", "-1"], "--final_samples", "an integer >= 0"),
+    ("opendit.train", ["--eval_every", "-1"], "--eval_every", "an integer >= 0"),
+    ("opendit.train", ["--eval_samples", "1"], "--eval_samples", "an integer >= 2"),
+    ("opendit.sample", ["--ckpt", "x", "--cfg_scale", "nan"], "--cfg_scale", "a finite number >= 0"),
+    ("opendit.sample", ["--ckpt", "x", "--seed", "-1"], "--seed", "an integer in [0,"),
+    ("opendit.sample", ["--ckpt", "x", "--num_sampling_steps", "1001"], "--num_sampling_steps", "in [1, 1000]"),
+    ("opendit.sample", ["--ckpt", "x", "--guidance_channels", "0"], "--guidance_channels", "an integer >= 1"),
+    ("opendit.sample", ["--ckpt", "x", "--image_size", "-8"], "--image_size", "an integer >= 1"),
+    ("opendit.sample_ddp", ["--ckpt", "x", "--cfg_scale", "inf"], "--cfg_scale", "a finite number >= 0"),
+    ("opendit.sample_ddp", ["--ckpt", "x", "--per_proc_batch_size", "0"], "--per_proc_batch_size", "an integer >= 1"),
+    ("opendit.sample_ddp", ["--ckpt", "x", "--num_classes", "0"], "--num_classes", "an integer >= 1"),
+    ("opendit.extract_features", ["--data_path", "x", "--features_path", "y", "--shard_size", "0"], "--shard_size",
+     "an integer >= 1"),
+    ("opendit.extract_features", ["--data_path", "x", "--features_path", "y", "--num_workers", "-1"], "--num_workers",
+     "an integer >= 0"),
+    ("opendit.evaluate", ["a.npz", "digits", "--batch_size", "0"], "--batch_size", "an integer >= 1"),
+    ("opendit.evaluate", ["a.npz", "digits", "--splits", "-1"], "--splits", "an integer >= 1"),
+    ("opendit.convert", ["a.pt", "b.pt", "--num_heads", "0"], "--num_heads", "an integer >= 1"),
+    ("opendit.launch", ["--hostfile", "h", "--master_port", "70000", "s.py"], "--master_port", "in [1, 65535]"),
+    ("opendit.launch", ["--hostfile", "h", "--nproc_per_node", "0", "s.py"], "--nproc_per_node", "an integer >= 1"),
+    ("opendit.cli", ["models", "--image_size", "0"], "--image_size", "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("module,argv,flag,allowed", NUMERIC, ids=[f"{m.split('.')[-1]} {' '.join(a[-2:])}"
+                                                                   for m, a, _, _ in NUMERIC])
+def test_numeric_flag_out_of_range_is_one_line(tmp_path, monkeypatch, capsys, module, argv, flag, allowed):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    extra = ["--outputs", str(tmp_path / "outputs")] if module == "opendit.train" else []
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main([*argv, *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: argument {flag}: must be ") and allowed in err[0], err
+    assert argv[argv.index(flag) + 1] in err[0]  # names the value given
+    assert os.listdir(tmp_path) == []  # nothing written: no run directory, no sample folder

@@ -24,7 +24,7 @@ def ckpt(tmp_path):
     os.makedirs(tmp_path / "run")
     d = save_checkpoint(str(tmp_path / "run"), "epoch0-global_step1", model_state=m.state_dict(),
                         ema_state=m.state_dict(), optimizer_state={}, running_states={"epoch": 0, "epoch_offset": 0,
-                                                                                        "global_step": 1})
+                                                                                        "global_step": 1})[0]
     return m.eval(), d
 
 

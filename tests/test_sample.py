@@ -137,8 +137,8 @@ def test_sample_ddp_npz_format_and_resume(tmp_path):
         images, labels = f["arr_0"], f["arr_1"]
     assert images.shape == (10, 8, 8, 4) and images.dtype == np.uint8  # N x H x W x C
     assert labels.dtype == np.int64 and labels.tolist() == [i % 10 for i in range(10)]
-    pngs = sorted(os.listdir(d))
-    assert pngs == [f"{i:06d}.png" for i in range(10)]
+    pngs = sorted(p for p in os.listdir(d) if p.endswith(".png"))
+    assert pngs == [f"{i:06d}.png" for i in range(10)] and sorted(os.listdir(d)) == pngs + ["samples.json"]
     # resume: remove two samples of different batches; only those batches are redone, with the same result
     before = {p: np.asarray(Image.open(d / p)) for p in pngs}
     mtimes = {p: os.stat(d / p).st_mtime_ns for p in pngs}
@@ -227,3 +227,140 @@ def test_digits_score_of_real_digits():
     # shuffled labels: accuracy collapses to chance, the FDs do not change
     m2 = score(np.round(imgs[idx] * 255 / 16).astype(np.uint8), np.roll(labels[idx], 1))
     assert m2["accuracy"] < 0.3 and m2["pixel_fd"] == pytest.approx(m["pixel_fd"])
+
+
+# ----------------------------------------------------------------------------- sample folders know what wrote them
+
+def _npz(path):
+    import json
+
+    with np.load(path) as f:
+        return f["arr_0"].copy(), json.loads(str(f["opendit_settings"]))
+
+
+def _tree(root):
+    """Every file under root (and root.npz) with its bytes."""
+    out = {}
+    for base in (str(root), str(root) + ".npz"):
+        paths = [base] if os.path.isfile(base) else [os.path.join(d, f) for d, _, fs in os.walk(base) for f in fs]
+        for p in paths:
+            out[p] = open(p, "rb").read()
+    return out
+
+
+def test_sample_folders_cannot_mix_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(published_style_model(4).state_dict(), a)
+    torch.save(published_style_model(5).state_dict(), b)
+    common = ["--vae", "none", "--num_samples", "6", "--per_proc_batch_size", "3", "--sampler", "ddim",
+              "--num_sampling_steps", "3", "--device", "cpu"]
+
+    # the default folder is named after the settings: two cfg scales never meet
+    assert ddp_main(["--ckpt", str(a), *common, "--cfg_scale", "1.0"]) == 0
+    assert ddp_main(["--ckpt", str(a), *common, "--cfg_scale", "4.0"]) == 0
+    folders = sorted(d for d in os.listdir("samples") if not d.endswith(".npz"))
+    assert len(folders) == 2 and all(d.startswith("DiT-N-2-a-size-8-vae-none-ddim-3-cfg-") for d in folders)
+    (img1, set1), (img4, set4) = (_npz(os.path.join("samples", d + ".npz")) for d in sorted(folders, key=len))
+    assert (set1["cfg_scale"], set4["cfg_scale"]) == (1.0, 4.0) and not np.array_equal(img1, img4)
+    assert set1["checkpoint"] == str(a) and set1["weights_sha256"] and set1["num_samples"] == 6
+
+    # an explicit folder: other cfg or other weights are refused, one line naming what differs, nothing touched
+    d = tmp_path / "sweep"
+    assert ddp_main(["--ckpt", str(a), *common, "--cfg_scale", "1.0", "--sample_dir", str(d)]) == 0
+    capsys.readouterr()
+    before = _tree(d)
+    for other, says in (([str(a), "--cfg_scale", "4.0"], "cfg_scale 1.0 -> 4.0"),
+                        ([str(b), "--cfg_scale", "1.0"], f"weights {a} (sha256"),
+                        ([str(a), "--cfg_scale", "1.0", "--seed", "1"], "seed 0 -> 1")):
+        assert ddp_main(["--ckpt", *other, *[c for c in common], "--sample_dir", str(d)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds samples of other settings" in err[0] and says in err[0], err
+        assert _tree(d) == before
+    assert np.array_equal(_npz(str(d) + ".npz")[0], img1)
+
+    # --overwrite: interrupted half-way, the old samples are intact; rerun, the folder holds the new ones only
+    import opendit.sample_ddp as sd_mod
+
+    calls = {"n": 0}
+    real_generate = sd_mod.generate
+
+    def interrupted(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kw)
+
+    monkeypatch.setattr(sd_mod, "generate", interrupted)
+    assert ddp_main(["--ckpt", str(a), *common, "--cfg_scale", "4.0", "--sample_dir", str(d), "--overwrite"]) == 130
+    assert {k: v for k, v in _tree(d).items()} == before  # DIR and DIR.npz untouched; the new ones are staged aside
+    monkeypatch.setattr(sd_mod, "generate", real_generate)
+    assert ddp_main(["--ckpt", str(a), *common, "--cfg_scale", "4.0", "--sample_dir", str(d), "--overwrite"]) == 0
+    images, settings = _npz(str(d) + ".npz")
+    assert settings["cfg_scale"] == 4.0 and np.array_equal(images, img4)
+    assert not os.path.exists(str(d) + ".overwrite") and not os.path.exists(str(d) + ".replaced")
+    assert sorted(os.listdir(d)) == [f"{i:06d}.png" for i in range(6)] + ["samples.json"]
+
+    # a folder of unknown origin (files, no samples.json) is not sampled into
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "000000.png").write_bytes(b"not mine")
+    assert ddp_main(["--ckpt", str(a), *common, "--sample_dir", str(stray)]) == 2
+    assert "no samples.json" in capsys.readouterr().err and os.listdir(stray) == ["000000.png"]
+
+
+def test_every_checkpoint_spelling_finds_the_runs_config(tmp_path):
+    """A latent-space run with a local VAE and named classes: each way of naming its weights gets the run's VAE, class
+    names and image size (a trailing slash or model/model.safetensors used to lose them)."""
+    import json
+
+    from opendit.checkpoint import save_checkpoint
+    from opendit.sample import load_for_sampling
+    from opendit.sample_ddp import build_parser
+
+    vae = _tiny_vae_dir(tmp_path / "vae")  # 2x downsampling, 4 latent channels
+    model = published_style_model(6)
+    run = tmp_path / "out" / "000-DiT-N-2"
+    run.mkdir(parents=True)
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    (run / "config.json").write_text(json.dumps({
+        "model": "DiT-N/2", "dataset": "imagefolder", "image_size": 16, "global_batch": 4, "vae": vae,
+        "vae_resolved": vae, "input_size": 8, "in_channels": 4, "num_classes": 10, "class_names": names}))
+    sd = model.state_dict()
+    c, _ = save_checkpoint(str(run), "epoch0-global_step4", model_state=sd, ema_state=sd, optimizer_state={},
+                           running_states={"epoch": 0, "epoch_offset": 4, "global_step": 4})
+    torch.save(sd, run / "export.pt")
+    save_file(sd, str(os.path.join(c, "export.safetensors")))
+    spellings = [str(run), str(run) + "/", c, c + "/", os.path.join(c, "model"), os.path.join(c, "model") + "/",
+                 os.path.join(c, "model", "model.safetensors"), os.path.join(c, "ema.pt"), str(run / "export.pt"),
+                 os.path.join(c, "export.safetensors")]
+    for spelling in spellings:
+        loaded = load_for_sampling(build_parser().parse_args(["--ckpt", spelling, "--device", "cpu"]), "cpu")
+        assert loaded.codec is not None and loaded.codec.name == vae, spelling
+        assert loaded.class_names == names and loaded.image_size == 16, spelling
+    # the same weights outside any run: no config to find
+    outside = tmp_path / "elsewhere.pt"
+    torch.save(sd, outside)
+    assert load_weights(str(outside))[2] is None
+
+
+def test_scores_piped_into_head_print_no_traceback(tmp_path):
+    """`make demo` pipes score_digits.py into `head -n 1`: the closed pipe is the reader's choice, not an error."""
+    import subprocess
+    import sys
+
+    from opendit.digits_eval import real_digits
+
+    imgs, labels = real_digits()
+    npz = tmp_path / "real.npz"
+    np.savez(npz, arr_0=np.round(imgs[:100] * 255 / 16).astype(np.uint8)[..., None], arr_1=labels[:100])
+    # `| head -n 1` closes the pipe after the first line (a race: the traceback came about half the time);
+    # `| true` closes it before anything is written (always)
+    for program, reader in ((["scripts/dit/score_digits.py", str(npz)], "head -n 1"),
+                            (["scripts/dit/score_digits.py", str(npz)], "true"),
+                            (["-m", "opendit.cli", "eval", str(npz), "digits", "--features", "digits"], "true")):
+        cmd = " ".join([sys.executable, *program]) + " | " + reader
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+        if reader != "true":
+            assert len(r.stdout.splitlines()) == 1 and r.stdout.startswith(str(npz))

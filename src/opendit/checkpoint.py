@@ -7,7 +7,10 @@
                                    size resumes from it; tensors and numbers only)
         running_states.json        epoch, step in epoch, global step, data position, seeds, scaler state
         manifest.json              size and SHA-256 of every file above (written last)
-    <run>/latest                   the name of the newest complete checkpoint
+    <run>/latest                   the name of the newest complete checkpoint of the run's current branch
+    <run>/abandoned-after-<ckpt>-<time>/
+                                   checkpoints of an abandoned branch: resuming from a checkpoint older than the run's
+                                   newest moves the newer ones here (kept, never loaded by --load RUN or --load auto)
 
 A checkpoint is written under a temporary name, flushed to disk and renamed when complete, so a crash (even SIGKILL
 mid-write) never leaves a half-written checkpoint under a real name and ``latest`` always names a complete one. On
@@ -79,7 +82,11 @@ def _candidates(path: str, flag: str) -> list[str]:
         with open(pointer) as f:
             name = f.read().strip()
         target = os.path.join(path, name)
-        if name and target in ckpts:
+        if name and target not in ckpts:
+            present = ", ".join(os.path.basename(c) for c in ckpts[:3]) or "none"
+            raise UserError(f"{flag} {path}: {LATEST} names {name}, which is missing (checkpoints present, newest "
+                            f"first: {present}); name the checkpoint directory to use explicitly")
+        if name:
             ckpts = [target] + [c for c in ckpts if c != target]
     if not ckpts:
         raise UserError(f"{flag} {path}: no checkpoint in this directory")
@@ -201,8 +208,10 @@ def remove_stale_partials(run_dir: str) -> list[str]:
 
 
 def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: dict, optimizer_state: dict,
-                    running_states: dict, keep: int = 0) -> str:
-    """Write a complete checkpoint (called on one rank). ``keep`` > 0 deletes all but the newest ``keep``."""
+                    running_states: dict, keep: int = 0, protect: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """Write a complete checkpoint (called on one rank); returns (its path, the names retention deleted). ``keep`` > 0
+    deletes all but the newest ``keep`` checkpoints of the run's current branch, never the one just written nor those
+    named in ``protect`` (e.g. the checkpoint this session resumed from)."""
     remove_stale_partials(run_dir)
     final = os.path.join(run_dir, name)
     tmp = os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
@@ -227,10 +236,41 @@ def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: di
     _fsync_path(run_dir)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+    deleted = []
     if keep > 0:
+        spared = {name, *(os.path.basename(os.path.normpath(p)) for p in protect)}
         for stale in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
+            if os.path.basename(stale) not in spared:
+                shutil.rmtree(stale, ignore_errors=True)
+                deleted.append(os.path.basename(stale))
+    return final, deleted
+
+
+def checkpoint_step(ckpt_dir: str) -> int:
+    m = CKPT_RE.match(os.path.basename(os.path.normpath(ckpt_dir)))
+    if not m:
+        raise UserError(f"{ckpt_dir} is not named like a checkpoint (epochE-global_stepG)")
+    return int(m.group(2))
+
+
+def start_branch(run_dir: str, ckpt_dir: str, stamp: str) -> tuple[str | None, list[str]]:
+    """Resuming from ``ckpt_dir`` when ``run_dir`` has newer checkpoints starts a new branch of the run's history:
+    the newer ones are moved (not deleted) into ``run_dir/abandoned-after-<ckpt>-<stamp>/`` and ``latest`` names
+    ``ckpt_dir``, so the run directory, ``latest`` and retention all follow the branch being trained. Returns (that
+    folder or None, the names moved). Called on one rank."""
+    name = os.path.basename(os.path.normpath(ckpt_dir))
+    step = checkpoint_step(ckpt_dir)
+    newer = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) > step]
+    if not newer:
+        return None, []
+    aside = os.path.join(run_dir, f"abandoned-after-{name}-{stamp}")
+    os.makedirs(aside)
+    for c in newer:
+        os.replace(c, os.path.join(aside, os.path.basename(c)))
+    write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
+    _fsync_path(aside)
+    _fsync_path(run_dir)
+    return aside, [os.path.basename(c) for c in newer]
 
 
 def _refusal(path: str, e: Exception) -> str:
@@ -328,31 +368,55 @@ def load_state_dict_file(path: str) -> dict:
     return obj
 
 
-def run_config_for(ckpt_dir: str) -> dict | None:
-    """config.json of the run a checkpoint directory belongs to, if any."""
-    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "config.json")
+CONFIG_FILE = "config.json"
+
+
+def run_dir_of(path: str) -> str | None:
+    """The run directory a checkpoint path belongs to, for every spelling: a run directory, a checkpoint directory,
+    its model/ folder (with or without a trailing slash), model/model.safetensors, ema.pt, or a weights file kept in
+    a run or checkpoint directory. None for a file outside any run."""
+    p = os.path.abspath(path)  # also drops a trailing slash
+    if os.path.isfile(p):
+        p = os.path.dirname(p)
+    for _ in range(3):  # model.safetensors -> model/ -> checkpoint -> run
+        if is_checkpoint_dir(p):
+            return os.path.dirname(p)
+        if os.path.isfile(os.path.join(p, CONFIG_FILE)):
+            return p
+        p = os.path.dirname(p)
+    return None
+
+
+def read_run_config(run_dir: str | None) -> dict | None:
+    """config.json of a run directory (the settings it was started with), or None."""
+    if run_dir is None:
+        return None
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            cfg = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
+    # ours: another tool's config.json in a folder above a weights file is not a run's
+    return cfg if isinstance(cfg, dict) and {"model", "global_batch", "image_size"} <= set(cfg) else None
 
 
 def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str, dict | None]:
-    """(state dict, what was loaded, the run's config.json or None) for every checkpoint people have: a bare
-    state dict (.pt, e.g. the published DiT-XL-2-256x256.pt), our ema.pt, a .safetensors file, a checkpoint's
+    """(state dict, the weights file it came from, the run's config.json or None) for every checkpoint people have: a
+    bare state dict (.pt, e.g. the published DiT-XL-2-256x256.pt), our ema.pt, a .safetensors file, a checkpoint's
     model/ folder, a checkpoint directory or a run directory (EMA unless ``use_model_weights``)."""
     if not os.path.exists(path):
         raise UserError(f"--ckpt {path}: no such file or directory")
+    cfg = read_run_config(run_dir_of(path))
+    path = os.path.normpath(path)
     if os.path.isfile(path):
-        cfg = run_config_for(os.path.dirname(path)) if os.path.basename(path) == EMA_FILE else None
         return load_state_dict_file(path), path, cfg
     if os.path.isfile(os.path.join(path, "model.safetensors")):  # epochXX-global_stepXX/model
-        return load_state_dict_file(os.path.join(path, "model.safetensors")), path, run_config_for(os.path.dirname(path))
+        file = os.path.join(path, "model.safetensors")
+        return load_state_dict_file(file), file, cfg
     rel = MODEL_FILE if use_model_weights else EMA_FILE
     # a run directory: the newest checkpoint whose weights file passes its manifest
     ckpt_dir, _, warnings = first_intact(path, lambda d: verify_manifest(d, only=(rel.replace(os.sep, "/"),)), "--ckpt")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     file = os.path.join(ckpt_dir, rel)
-    return load_state_dict_file(file), file, run_config_for(ckpt_dir)
+    return load_state_dict_file(file), file, cfg

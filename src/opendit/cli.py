@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from opendit.errors import ArgumentParser
+from opendit.errors import POSITIVE_INT, ArgumentParser
 
 
 def cmd_models(args) -> int:
@@ -46,10 +46,10 @@ def main(argv=None) -> int:
     ap = ArgumentParser(prog="opendit", description="Train and sample DiT with plain PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list the model configs and their parameter counts")
-    p.add_argument("--image_size", type=int, default=256)
-    p.add_argument("--vae_downsample", type=int, default=8, help="8 for the SD VAE latent space, 1 for pixels")
-    p.add_argument("--in_channels", type=int, default=4)
-    p.add_argument("--num_classes", type=int, default=1000)
+    p.add_argument("--image_size", type=POSITIVE_INT, default=256)
+    p.add_argument("--vae_downsample", type=POSITIVE_INT, default=8, help="8 for the SD VAE latent space, 1 for pixels")
+    p.add_argument("--in_channels", type=POSITIVE_INT, default=4)
+    p.add_argument("--num_classes", type=POSITIVE_INT, default=1000)
     for name, (_, help_text) in PROGRAMS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if argv and argv[0] in PROGRAMS:

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import load_state_dict_file, load_weights
-from .errors import ArgumentParser, UserError
+from .errors import POSITIVE_INT, ArgumentParser, UserError
 from .models.dit import config_from_state_dict, sincos_2d
 
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="*.pt, *.safetensors, or a folder (diffusers)")
     p.add_argument("--format", choices=FORMATS, default=None, help="override the format DST's name implies")
     p.add_argument("--model_weights", action="store_true", help="from a checkpoint: the raw weights instead of the EMA")
-    p.add_argument("--num_heads", type=int, default=None, help="attention heads, for widths outside the DiT family")
+    p.add_argument("--num_heads", type=POSITIVE_INT, default=None, help="attention heads, for widths outside the DiT family")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = p.parse_args(argv)
     try:

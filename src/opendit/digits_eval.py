@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ArgumentParser, UserError
+from .errors import ArgumentParser, UserError, print_or_stop
 from .metrics import frechet_distance_of
 
 ASSET = os.path.join(os.path.dirname(__file__), "assets", "digits_cnn.safetensors")
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.npz}: {m['n']} samples  accuracy {m['accuracy']:.1%}  pixel FD {m['pixel_fd']:.2f}  feature FD {m['feature_fd']:.2f}")
-    print(json.dumps(m))
+    print_or_stop(f"{args.npz}: {m['n']} samples  accuracy {m['accuracy']:.1%}  pixel FD {m['pixel_fd']:.2f}  "
+                  f"feature FD {m['feature_fd']:.2f}", json.dumps(m))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -25,8 +26,74 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def print_or_stop(*lines: str) -> bool:
+    """Print ``lines`` to stdout; False when the reader has gone (``| head -n 1``): stdout is then pointed at /dev/null
+    so that the interpreter's last flush raises nothing either. A closed pipe is the reader's choice, not an error."""
+    import os
+
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return False
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with bad command lines reported as one line (`error: ...`) and exit code 2, without the usage dump."""
 
     def error(self, message):
         fail(message)
+
+
+# ----------------------------------------------------------------------------- numeric flags
+# argparse ``type=`` callables: a value outside the allowed range (or not finite) is rejected while the command line is
+# parsed, before anything is written, as one line: "error: argument --lr: must be a finite number > 0, got nan".
+
+def _range_text(lo, hi, lo_open: bool) -> str:
+    lo, hi = (f"{v:g}" if isinstance(v, float) else v for v in (lo, hi))
+    if lo is not None and hi is not None:
+        return f"in [{lo}, {hi}]" if not lo_open else f"in ({lo}, {hi}]"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f"<= {hi}"
+    return ""
+
+
+def _number_flag(convert, what: str, allowed):
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not allowed(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    parse.__name__ = convert.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def int_flag(lo: int | None = None, hi: int | None = None):
+    """An integer flag in [lo, hi] (either bound optional)."""
+    return _number_flag(int, f"an integer {_range_text(lo, hi, False)}".rstrip(),
+                        lambda v: (lo is None or v >= lo) and (hi is None or v <= hi))
+
+
+def float_flag(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    """A finite float flag in [lo, hi] ((lo, hi] with ``lo_open``; either bound optional)."""
+    return _number_flag(float, f"a finite number {_range_text(lo, hi, lo_open)}".rstrip(),
+                        lambda v: math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
+                        and (hi is None or v <= hi))
+
+
+POSITIVE_INT = int_flag(1)
+NONNEG_INT = int_flag(0)
+SEED = int_flag(0, 2**32 - 1)  # what every use accepts (the data order seeds torch with seed * 1_000_003 + epoch)
+POSITIVE_FLOAT = float_flag(0.0, lo_open=True)
+NONNEG_FLOAT = float_flag(0.0)
+UNIT_FLOAT = float_flag(0.0, 1.0)

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data.datasets import IMAGE_EXTENSIONS
-from .errors import ArgumentParser, UserError
+from .errors import POSITIVE_INT, ArgumentParser, UserError, print_or_stop
 from .images import to_uint8
 from .metrics import mean_cov
 from .sample import generate
@@ -309,8 +309,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--features", default="inception", help="inception, digits, or package.module:factory")
     p.add_argument("--inception", default=None,
                    help="the FID Inception weights file (default: the torch hub cache, downloaded when online)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--splits", type=int, default=10, help="Inception Score splits")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=64)
+    p.add_argument("--splits", type=POSITIVE_INT, default=10, help="Inception Score splits")
     p.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance (needs reference images)")
     p.add_argument("--precision_recall", action="store_true",
                    help="also improved precision / recall with k=3 (needs reference images; O(N^2) distances)")
@@ -374,17 +374,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ref = f"{m['num_reference']} images" if m["num_reference"] else "precomputed statistics"
-    print(f"samples    {args.samples} ({m['num_samples']} images)")
-    print(f"reference  {args.reference} ({ref})")
-    print(f"features   {m['features']}")
-    print(f"FID        {m['fid']:.4f}")
+    lines = [f"samples    {args.samples} ({m['num_samples']} images)", f"reference  {args.reference} ({ref})",
+             f"features   {m['features']}", f"FID        {m['fid']:.4f}"]
     if "is" in m:
-        print(f"IS         {m['is']:.4f} ± {m['is_std']:.4f} ({args.splits} splits)")
+        lines.append(f"IS         {m['is']:.4f} ± {m['is_std']:.4f} ({args.splits} splits)")
     if "kid" in m:
-        print(f"KID        {m['kid']:.6f} ± {m['kid_std']:.6f}")
+        lines.append(f"KID        {m['kid']:.6f} ± {m['kid_std']:.6f}")
     if "precision" in m:
-        print(f"precision  {m['precision']:.4f}   recall {m['recall']:.4f}   (k = 3)")
-    print(json.dumps(m))
+        lines.append(f"precision  {m['precision']:.4f}   recall {m['recall']:.4f}   (k = 3)")
+    print_or_stop(*lines, json.dumps(m))
     return 0
 
 

@@ -25,7 +25,7 @@ from . import parallel
 from .checkpoint import write_text_atomic
 from .data import ImageFolder, build_dataset
 from .data.latents import FORMAT, INDEX, PARTS, shard_paths
-from .errors import ArgumentParser, UserError
+from .errors import NONNEG_INT, POSITIVE_INT, ArgumentParser, UserError
 from .preemption import ignore_in_worker
 from .vae import VAE_NAMES, load_vae
 
@@ -36,14 +36,14 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Store VAE posteriors (mean, std; image and flip) of a data set for --dataset latents.")
     p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10"])
     p.add_argument("--data_path", required=True)
-    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--image_size", type=POSITIVE_INT, default=256)
     p.add_argument("--vae", default="ema", help="ema, mse (the SD VAEs) or a local diffusers AutoencoderKL folder")
     p.add_argument("--features_path", required=True, help="output folder (index.json + shards)")
-    p.add_argument("--batch_size", type=int, default=32, help="images per VAE forward, per process")
-    p.add_argument("--shard_size", type=int, default=4096)
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=32, help="images per VAE forward, per process")
+    p.add_argument("--shard_size", type=POSITIVE_INT, default=4096)
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES),
                    help="storage precision (fp16: 2 x 2 x 4 x 32 x 32 x 2 bytes = 32 KiB per 256 px image)")
-    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--num_workers", type=NONNEG_INT, default=4)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from .errors import ArgumentParser, UserError
+from .errors import POSITIVE_INT, ArgumentParser, UserError, int_flag
 
 
 def parse_hostfile(path: str, default_slots: int) -> list[tuple[str, int]]:
@@ -111,8 +111,8 @@ def run_hosts(hosts, ssh: list[str], commands: list[str], grace: float = 10.0) -
 def main(argv=None) -> int:
     p = ArgumentParser(prog="opendit run", description="Run a training script with torchrun on every host of a hostfile.")
     p.add_argument("--hostfile", required=True)
-    p.add_argument("--nproc_per_node", type=int, default=8, help="processes per host (a host's slots=N overrides it)")
-    p.add_argument("--master_port", type=int, default=29500)
+    p.add_argument("--nproc_per_node", type=POSITIVE_INT, default=8, help="processes per host (a host's slots=N overrides it)")
+    p.add_argument("--master_port", type=int_flag(1, 65535), default=29500)
     p.add_argument("--ssh", default="ssh", help='the remote shell command, e.g. "ssh -p 2222 -o BatchMode=yes"')
     p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="environment to pass (repeatable): NAME takes this shell's value, NAME=VALUE sets it")

@@ -144,8 +144,9 @@ def wrap_model(model: torch.nn.Module, plugin: str, env: DistEnv, precision: "Pr
     zero2  FSDP2 ``fully_shard`` per block and at the root with reshard_after_forward=False: weights, gradients and
            optimizer state sharded; each block's weights gathered once per step and kept until backward
     fsdp   the same with reshard_after_forward=True (ZeRO-3): weights gathered again for backward
-    With a low-precision policy the gathered weights are cast to it; gradients are reduced in fp32 unless
-    ``reduce_dtype`` is "bf16" (half the gradient traffic, a bf16 rounding of every reduced gradient).
+    With a low-precision policy the blocks' gathered weights are cast to it; gradients are reduced in fp32 unless
+    ``reduce_dtype`` is "bf16" (half the gradient traffic, a bf16 rounding of every reduced gradient). The sharded
+    plugins compute what DDP under autocast computes (see ``fsdp_precision_policies``).
     """
     check_plugin(plugin)
     if reduce_dtype not in ("fp32", "bf16"):
@@ -160,16 +161,40 @@ def wrap_model(model: torch.nn.Module, plugin: str, env: DistEnv, precision: "Pr
             ddp.register_comm_hook(env.world_size, _bf16_allreduce_hook)
         return ddp
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    dtype = precision.dtype if precision is not None else None
+    shard_model(model, mesh, plugin, precision.dtype if precision is not None else None, reduce_dtype)
+    return model
+
+
+def fsdp_precision_policies(dtype: torch.dtype | None, reduce_dtype: str = "fp32"):
+    """(blocks' policy, root's policy) for FSDP2 so that a sharded model computes what DDP computes under autocast.
+
+    The blocks' weights are gathered in ``dtype``: autocast would cast them to it for every matmul anyway, so this is
+    the same arithmetic at half the all-gather traffic. Two things of FSDP2's default policy are not: it casts every
+    floating forward input to ``dtype`` (the timesteps t: bf16 rounds t = 999 to 1000, steps of 4 above 512) and the
+    root's parameters too (the fixed pos_embed), which makes the residual stream bf16 where autocast keeps it fp32.
+    So no input is cast, and the root's small parameters (embedders, pos_embed, final layer: <1% of DiT-XL/2's) stay
+    fp32; autocast then does the same casts as with DDP, and outputs and gradients equal DDP's (tested).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     reduce = torch.bfloat16 if reduce_dtype == "bf16" else torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
+    blocks = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce, cast_forward_inputs=False)
+    root = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce, cast_forward_inputs=False)
+    return blocks, root
+
+
+def shard_model(model: torch.nn.Module, mesh, plugin: str, dtype: torch.dtype | None = None,
+                reduce_dtype: str = "fp32") -> torch.nn.Module:
+    """FSDP2 ``fully_shard`` of each block, then of the root (zero2: weights kept gathered until backward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks_mp, root_mp = fsdp_precision_policies(dtype, reduce_dtype)
     reshard = plugin == "fsdp"
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=blocks_mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=root_mp)
     return model
 
 

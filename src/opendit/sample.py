@@ -21,7 +21,7 @@ import torch
 from . import parallel
 from .checkpoint import load_into, load_weights
 from .diffusion import create_diffusion
-from .errors import ArgumentParser, UserError
+from .errors import NONNEG_FLOAT, POSITIVE_INT, SEED, ArgumentParser, UserError, int_flag
 from .images import labelled_grid, save_image_atomic
 from .models import DiT, DiT_models, config_from_state_dict, model_config
 from .vae import LatentCodec, load_vae, resolve_vae
@@ -36,19 +36,19 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     a("--ckpt", required=True, help="a bare state dict (.pt), ema.pt, .safetensors, epochX-global_stepY/model, a "
                                     "checkpoint directory or a run directory (its newest intact checkpoint)")
     a("--model", default=None, help="checked against the checkpoint (read from it when omitted)")
-    a("--image_size", type=int, default=None, help="checked against the checkpoint's token grid (read from it when omitted)")
-    a("--num_classes", type=int, default=None, help="checked against the checkpoint")
+    a("--image_size", type=POSITIVE_INT, default=None, help="checked against the checkpoint's token grid (read from it when omitted)")
+    a("--num_classes", type=POSITIVE_INT, default=None, help="checked against the checkpoint")
     a("--use_model_weights", action="store_true", help="the raw weights of a checkpoint directory instead of its EMA")
-    a("--cfg_scale", type=float, default=cfg_scale, help="classifier-free guidance scale (1 = none)")
-    a("--guidance_channels", type=int, default=None, help="guide only the first N epsilon channels (3 = the published sampler)")
+    a("--cfg_scale", type=NONNEG_FLOAT, default=cfg_scale, help="classifier-free guidance scale (1 = none)")
+    a("--guidance_channels", type=POSITIVE_INT, default=None, help="guide only the first N epsilon channels (3 = the published sampler)")
     a("--sampler", default="ddpm", choices=SAMPLERS)
-    a("--num_sampling_steps", type=int, default=250)
+    a("--num_sampling_steps", type=int_flag(1, 1000), default=250)
     a("--clip_denoised", default="auto", choices=["auto", "yes", "no"],
       help="clamp the x0 prediction to [-1, 1]; auto: yes in pixel space, no in latent space (as published)")
     a("--vae", default="auto", help="auto (from the run or the image size), ema, mse, none, or a diffusers AutoencoderKL folder")
     a("--mixed_precision", default="fp32", choices=list(parallel.PRECISIONS))
     a("--enable_flashattn", action="store_true")
-    a("--seed", type=int, default=0)
+    a("--seed", type=SEED, default=0)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 

@@ -14,6 +14,7 @@ batch N*B, and a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,17 +28,19 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import faults, parallel
+from . import faults, parallel, run_settings
 from .data import GlobalBatchPlan, ImageFolder, build_dataset, default_image_size, plan_batches
 from .data.latents import LatentDataset, PrecomputedLatents
 from .diffusion import create_diffusion
 from .ema import EMA
-from .errors import ArgumentParser, RankError, TrainingFailed, UserError
+from .errors import (NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, ArgumentParser, RankError,
+                     TrainingFailed, UserError, int_flag)
 from .evaluate import PeriodicFID
 from .flops import dit_train_flops_per_image, model_cost_config
 from .images import labelled_grid, save_image_atomic
 from .models import AttentionBackendError, DiT_models
 from .preemption import StopRequest
+from .run_settings import append_history, apply_run_settings, describe_changes, saved_settings
 from .sample import generate
 from .vae import load_vae, resolve_vae
 
@@ -52,27 +55,27 @@ def build_parser() -> ArgumentParser:
       help="cifar10, imagefolder, digits (scikit-learn's 8x8 digits, offline) or latents (a folder written by "
            "scripts/dit/extract_features.py: VAE posteriors of images and their flips; the VAE is the extraction's)")
     a("--data_path", default="./datasets", help="cifar10: folder holding cifar-10-batches-py/; imagefolder: root/<class>/<images>")
-    a("--image_size", type=int, default=None, help="training resolution (default: 8 for digits, 256 otherwise)")
-    a("--num_classes", type=int, default=None, help="taken from the dataset when omitted; must agree with it")
-    a("--batch_size", type=int, default=2, help="per process")
-    a("--epochs", type=int, default=1400)
-    a("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    a("--lr", type=float, default=1e-4)
+    a("--image_size", type=POSITIVE_INT, default=None, help="training resolution (default: 8 for digits, 256 otherwise)")
+    a("--num_classes", type=POSITIVE_INT, default=None, help="taken from the dataset when omitted; must agree with it")
+    a("--batch_size", type=POSITIVE_INT, default=2, help="per process")
+    a("--epochs", type=POSITIVE_INT, default=1400)
+    a("--max_steps", type=POSITIVE_INT, default=None, help="stop after this many optimizer steps in total")
+    a("--lr", type=POSITIVE_FLOAT, default=1e-4)
     a("--lr_schedule", default="constant", choices=["constant", "cosine"],
       help="constant (the published recipe) or cosine decay to 0 at the last step")
-    a("--warmup_steps", type=int, default=0, help="linear learning-rate warmup from 0")
-    a("--grad_clip", type=float, default=1.0, help="max global gradient norm; 0 = off")
-    a("--ema_decay", type=float, default=0.9999)
-    a("--global_seed", type=int, default=0)
-    a("--num_workers", type=int, default=4, help="data-loading workers (image folders; in-memory data needs none)")
-    a("--log_every", type=int, default=10)
-    a("--ckpt_every", type=int, default=1000)
-    a("--ckpt_keep", type=int, default=3, help="keep the newest K checkpoints (0 = all)")
+    a("--warmup_steps", type=NONNEG_INT, default=0, help="linear learning-rate warmup from 0")
+    a("--grad_clip", type=NONNEG_FLOAT, default=1.0, help="max global gradient norm; 0 = off")
+    a("--ema_decay", type=UNIT_FLOAT, default=0.9999)
+    a("--global_seed", type=SEED, default=0)
+    a("--num_workers", type=NONNEG_INT, default=4, help="data-loading workers (image folders; in-memory data needs none)")
+    a("--log_every", type=POSITIVE_INT, default=10)
+    a("--ckpt_every", type=POSITIVE_INT, default=1000)
+    a("--ckpt_keep", type=NONNEG_INT, default=3, help="keep the newest K checkpoints (0 = all)")
     a("--outputs", default="./outputs", help="run directories are created here as NNN-<model>")
     a("--load", default=None,
       help="resume: a checkpoint directory, a run directory (its newest intact checkpoint), or 'auto' (the newest run "
            "of this --model under --outputs that has a checkpoint; a new run when there is none)")
-    a("--max_bad_steps", type=int, default=10,
+    a("--max_bad_steps", type=NONNEG_INT, default=10,
       help="stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped); 0 = never")
     a("--on_bad_image", default="skip", choices=["skip", "error"],
       help="imagefolder: an unreadable file is skipped (replaced by the next image, counted, named in a warning) or "
@@ -90,13 +93,13 @@ def build_parser() -> ArgumentParser:
     a("--compile", action="store_true", help="torch.compile each transformer block")
     a("--vae", default="auto", help="auto (pixels up to 64 px, else ema), ema, mse, none, or a diffusers AutoencoderKL folder")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--final_samples", type=int, default=0, help="after training, write samples.png with this many EMA samples per class")
-    a("--final_cfg_scale", type=float, default=4.0, help="guidance scale of that grid")
-    a("--eval_every", type=int, default=0,
+    a("--final_samples", type=NONNEG_INT, default=0, help="after training, write samples.png with this many EMA samples per class")
+    a("--final_cfg_scale", type=NONNEG_FLOAT, default=4.0, help="guidance scale of that grid")
+    a("--eval_every", type=NONNEG_INT, default=0,
       help="every N steps: FID of --eval_samples EMA samples (DPM-Solver++ 20 steps) against --eval_reference, logged "
            "as 'fid' (rank 0 samples; the others wait); 0 = off")
-    a("--eval_samples", type=int, default=1000)
-    a("--eval_cfg_scale", type=float, default=1.0)
+    a("--eval_samples", type=int_flag(2), default=1000)
+    a("--eval_cfg_scale", type=NONNEG_FLOAT, default=1.0)
     a("--eval_features", default="auto", help="auto (digits for --dataset digits, else inception), inception, digits, "
                                               "or package.module:factory")
     a("--eval_reference", default=None,
@@ -110,21 +113,6 @@ def validate(args) -> None:
         raise UserError(f"unknown model {args.model!r}; choose from {', '.join(DiT_models)}")
     if args.dataset not in ("cifar10", "imagefolder", "digits", "latents"):
         raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, imagefolder, digits or latents")
-    for name in ("batch_size", "epochs", "log_every", "ckpt_every"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.eval_every < 0 or args.eval_samples < 2:
-        raise UserError("--eval_every must be non-negative and --eval_samples at least 2")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UserError(f"--max_steps must be positive, got {args.max_steps}")
-    if args.image_size is not None and args.image_size <= 0:
-        raise UserError(f"--image_size must be positive, got {args.image_size}")
-    if not 0.0 <= args.ema_decay <= 1.0:
-        raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
-    if args.lr <= 0 or min(args.grad_clip, args.num_workers, args.ckpt_keep, args.final_samples, args.warmup_steps,
-                           args.max_bad_steps) < 0:
-        raise UserError("--lr must be positive; --grad_clip, --num_workers, --ckpt_keep, --final_samples, "
-                        "--warmup_steps, --max_bad_steps non-negative")
     if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
         raise UserError(f"--outputs {args.outputs} is a file, not a directory")
 
@@ -223,12 +211,25 @@ def write_sample_grid(path: str, model, codec, *, num_classes: int, class_names,
 
 # ----------------------------------------------------------------------------- main
 
-def train(args) -> int:
+def train(args, given: set[str] | None = None, command: list[str] | None = None) -> int:
+    """``given``: the flags set on the command line (None: all of them); on resume the others come from the run
+    (see run_settings). ``command``: the command line, recorded in the run's history."""
     validate(args)
     env = parallel.init_distributed(args.device)
     log = RunLog(None)
     run_dir, created_run_dir, stop = None, False, None
     try:
+        # --- what to resume, and the settings of that run: they decide the model and the data, so they come first
+        load, notes, saved, changes = args.load, [], None, {}
+        if load == "auto":
+            load = parallel.broadcast_object(ckpt.find_auto_resume(args.outputs, args.model) if env.is_main else None, env)
+            if load is None:
+                notes.append(f"--load auto: no checkpoint of {args.model} under {args.outputs}; starting a new run")
+        if load:
+            load_run_dir, saved = parallel.broadcast_object(parallel.on_rank0(lambda: saved_settings(load), env), env)
+            changes = apply_run_settings(args, given, saved, env.world_size, load_run_dir)
+            validate(args)
+
         precision = parallel.Precision(args.mixed_precision, env.device)
         parallel.check_plugin(args.plugin)
         global_batch = args.batch_size * env.world_size
@@ -259,6 +260,9 @@ def train(args) -> int:
             codec, vae_name = PrecomputedLatents(dataset, env.device), dataset.vae
         else:
             vae_name = resolve_vae(args.vae, image_size)
+            if saved and "vae_resolved" in saved and vae_name != saved["vae_resolved"]:
+                raise UserError(f"--vae {args.vae}: the run in {load_run_dir} was trained with the VAE "
+                                f"{saved['vae_resolved'] or 'none (pixel space)'}; resume without --vae or start a new run")
             codec = load_vae(vae_name, env.device) if vae_name else None
         if codec is not None:
             if image_size % codec.downsample:
@@ -301,11 +305,7 @@ def train(args) -> int:
         # --- resume: rank 0 reads the checkpoint; weights and optimizer state reach the others by broadcast
         epoch, epoch_offset, global_step = 0, 0, 0
         skipped_steps, bad_images = 0, 0
-        load, notes = args.load, []
-        if load == "auto":
-            load = parallel.broadcast_object(ckpt.find_auto_resume(args.outputs, args.model) if env.is_main else None, env)
-            if load is None:
-                notes.append(f"--load auto: no checkpoint of {args.model} under {args.outputs}; starting a new run")
+        ckpt_dir = None
         if load:
             def read_checkpoint() -> dict:
                 ckpt_dir, state, skipped = ckpt.find_resumable(load)
@@ -350,12 +350,20 @@ def train(args) -> int:
         total_steps = args.max_steps or args.epochs * plan.steps_per_epoch
         total_steps = min(total_steps, args.epochs * plan.steps_per_epoch)
 
+        # config.json: the settings the run was started with (never rewritten); history.jsonl: one line per session
         config = dict(vars(args), image_size=image_size, num_classes=num_classes, input_size=input_size,
                       in_channels=in_channels, vae_resolved=vae_name, world_size=env.world_size, global_batch=global_batch,
-                      class_names=list(dataset.class_names))
+                      class_names=list(dataset.class_names), objective="diffusion")
+        branch, moved = None, []
         if env.is_main:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(config, f, indent=2)
+            if created_run_dir or not os.path.isfile(os.path.join(run_dir, ckpt.CONFIG_FILE)):
+                ckpt.write_text_atomic(os.path.join(run_dir, ckpt.CONFIG_FILE), json.dumps(config, indent=2))
+            if ckpt_dir is not None:  # resuming from an older checkpoint than the run's newest starts a new branch
+                branch, moved = ckpt.start_branch(run_dir, ckpt_dir, time.strftime("%Y%m%d-%H%M%S"))
+            append_history(run_dir, {"session": "resume" if ckpt_dir else "start", "command": command,
+                                     "resumed_from": os.path.basename(ckpt_dir) if ckpt_dir else None,
+                                     "global_step": global_step, "world_size": env.world_size, "changes": changes,
+                                     "branch_moved_aside": os.path.basename(branch) if branch else None})
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         flops = dit_train_flops_per_image(**model_cost_config(model))
         log.info(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image per step; "
@@ -370,6 +378,12 @@ def train(args) -> int:
             log.info(note)
         if load:
             log.info(f"resumed from {ckpt_dir} at epoch {epoch}, global step {global_step}")
+        if changes:
+            log.info(f"settings changed on resume (recorded in {run_settings.HISTORY_FILE}): {describe_changes(changes)}")
+        if moved:
+            log.info(f"{os.path.basename(ckpt_dir)} is older than the run's newest checkpoint: a new branch of the run "
+                     f"starts here; moved the abandoned branch's {', '.join(moved)} aside into {branch} (kept, no "
+                     f"longer used by --load {run_dir} or --load auto)")
         if env.is_main and (stale := ckpt.remove_stale_partials(run_dir)):
             log.info(f"removed what an interrupted checkpoint write left behind: {', '.join(stale)}")
 
@@ -391,10 +405,12 @@ def train(args) -> int:
                       "rng": "per-step generators seeded from (global_seed, global_step); data order from (global_seed, epoch)",
                       "skipped_steps": skipped_steps, "bad_images": n_bad_images,
                       "grad_scaler": precision.scaler.state_dict() if precision.scaler is not None else None}
-                path = ckpt.save_checkpoint(run_dir, ckpt.checkpoint_name(at_epoch, global_step),
-                                            model_state=model_state, ema_state=ema_state,
-                                            optimizer_state=optim_state, running_states=rs, keep=args.ckpt_keep)
-                log.info(f"saved checkpoint {path}")
+                path, deleted = ckpt.save_checkpoint(
+                    run_dir, ckpt.checkpoint_name(at_epoch, global_step), model_state=model_state, ema_state=ema_state,
+                    optimizer_state=optim_state, running_states=rs, keep=args.ckpt_keep,
+                    protect=(ckpt_dir,) if ckpt_dir else ())
+                log.info(f"saved checkpoint {path}" + (f"; deleted {', '.join(deleted)} (--ckpt_keep {args.ckpt_keep})"
+                                                      if deleted else ""))
             parallel.barrier(env)
 
         def ema_model(ema_state: dict):
@@ -610,7 +626,11 @@ def train(args) -> int:
 
 
 def main(argv=None) -> int:
-    return parallel.run_main(train, build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = run_settings.given_flags(parser, argv)
+    return parallel.run_main(functools.partial(train, given=given, command=[sys.argv[0], *argv]), args)
 
 
 if __name__ == "__main__":
