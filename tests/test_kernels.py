@@ -120,7 +120,8 @@ def test_full_dit_with_kernels_matches_without():
 def test_trainer_kernel_flags(tmp_path):
     from helpers import TINY, only_run_dir, read_metrics, run_train
 
-    common = [*TINY, "--batch_size", "16", "--max_steps", "3", "--log_every", "1"]
+    # 2 steps of batch 8: the Triton interpreter runs every program instance in Python (~70 s on 2 cores)
+    common = [*TINY, "--batch_size", "8", "--max_steps", "2", "--log_every", "1"]
     base = run_train(*common, "--outputs", str(tmp_path / "base"))
     fused = run_train(*common, "--enable_modulate_kernel", "--outputs", str(tmp_path / "fused"))
     assert base.returncode == 0 and fused.returncode == 0, fused.stderr[-2000:]
