@@ -264,6 +264,13 @@ def test_sample_folders_cannot_mix_settings(tmp_path, monkeypatch, capsys):
     (img1, set1), (img4, set4) = (_npz(os.path.join("samples", d + ".npz")) for d in sorted(folders, key=len))
     assert (set1["cfg_scale"], set4["cfg_scale"]) == (1.0, 4.0) and not np.array_equal(img1, img4)
     assert set1["checkpoint"] == str(a) and set1["weights_sha256"] and set1["num_samples"] == 6
+    # nor do two checkpoints (same file name, other weights: the name carries a hash of every setting)
+    other = tmp_path / "other" / "a.pt"
+    other.parent.mkdir()
+    torch.save(published_style_model(5).state_dict(), other)
+    assert ddp_main(["--ckpt", str(other), *common, "--cfg_scale", "1.0"]) == 0
+    third = [d for d in os.listdir("samples") if not d.endswith(".npz") and d not in folders]
+    assert len(third) == 1 and not np.array_equal(_npz(os.path.join("samples", third[0] + ".npz"))[0], img1)
 
     # an explicit folder: other cfg or other weights are refused, one line naming what differs, nothing touched
     d = tmp_path / "sweep"

@@ -70,11 +70,15 @@ def build_parser() -> ArgumentParser:
     a("--num_workers", type=NONNEG_INT, default=4, help="data-loading workers (image folders; in-memory data needs none)")
     a("--log_every", type=POSITIVE_INT, default=10)
     a("--ckpt_every", type=POSITIVE_INT, default=1000)
-    a("--ckpt_keep", type=NONNEG_INT, default=3, help="keep the newest K checkpoints (0 = all)")
+    a("--ckpt_keep", type=NONNEG_INT, default=3,
+      help="keep the newest K checkpoints of the run's current branch (0 = all); the one just written and the one "
+           "resumed from are never deleted")
     a("--outputs", default="./outputs", help="run directories are created here as NNN-<model>")
     a("--load", default=None,
       help="resume: a checkpoint directory, a run directory (its newest intact checkpoint), or 'auto' (the newest run "
-           "of this --model under --outputs that has a checkpoint; a new run when there is none)")
+           "of this --model under --outputs that has a checkpoint; a new run when there is none). The run's settings "
+           "come with it: seed, model, data set, image size, VAE and global batch must not differ; flags not given "
+           "take the run's values; others (lr, max_steps, ...) are applied and recorded in history.jsonl")
     a("--max_bad_steps", type=NONNEG_INT, default=10,
       help="stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped); 0 = never")
     a("--on_bad_image", default="skip", choices=["skip", "error"],
