@@ -127,7 +127,7 @@ def find_auto_resume(outputs: str, model_name: str) -> str | None:
     return os.path.join(outputs, max(runs)[1]) if runs else None
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     buf = bytearray(8 << 20)
     view = memoryview(buf)
@@ -164,7 +164,7 @@ def write_manifest(ckpt_dir: str) -> None:
             if rel == MANIFEST:
                 continue
             _fsync_path(full)
-            files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+            files[rel] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
     write_text_atomic(os.path.join(ckpt_dir, MANIFEST), json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
 
 
@@ -189,7 +189,7 @@ def verify_manifest(ckpt_dir: str, only: tuple[str, ...] | None = None) -> bool:
         if size != want["bytes"]:
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir} is corrupt: {rel} has {size} bytes, the manifest says "
                                     f"{want['bytes']} (truncated?)")
-        if _sha256(full) != want["sha256"]:
+        if sha256_file(full) != want["sha256"]:
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir} is corrupt: {rel} fails its SHA-256 check")
     return True
 

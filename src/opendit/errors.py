@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 
@@ -29,8 +30,6 @@ def fail(message: str, code: int = 2):
 def print_or_stop(*lines: str) -> bool:
     """Print ``lines`` to stdout; False when the reader has gone (``| head -n 1``): stdout is then pointed at /dev/null
     so that the interpreter's last flush raises nothing either. A closed pipe is the reader's choice, not an error."""
-    import os
-
     try:
         for line in lines:
             print(line)

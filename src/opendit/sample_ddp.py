@@ -74,20 +74,12 @@ SETTINGS_FORMAT = "opendit-samples-v1"
 INFORMATIONAL = ("format", "checkpoint")  # recorded, not compared: the same weights elsewhere give the same samples
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sample_settings(args, loaded, clip: bool) -> dict:
     """Everything that decides the images of a sample folder."""
     return {
         "format": SETTINGS_FORMAT,
         "checkpoint": os.path.abspath(loaded.source),
-        "weights_sha256": file_sha256(loaded.source),
+        "weights_sha256": ckpt.sha256_file(loaded.source),
         "model": loaded.name,
         "image_size": loaded.image_size,
         "vae": loaded.codec.name if loaded.codec is not None else None,
@@ -152,13 +144,12 @@ def prepare_sample_dir(sample_dir: str, settings: dict, overwrite: bool) -> str:
         raise UserError(f"--sample_dir {sample_dir} is a file, not a directory")
     work = sample_dir
     if os.path.isdir(sample_dir) and os.listdir(sample_dir):
-        old = read_settings(sample_dir)
         if overwrite:
             work = os.path.normpath(sample_dir) + ".overwrite"
             prior = read_settings(work) if os.path.isdir(work) else None
             if os.path.exists(work) and (prior is None or settings_diff(prior, settings)):
                 shutil.rmtree(work)  # an unfinished --overwrite of other settings
-        elif old is None:
+        elif (old := read_settings(sample_dir)) is None:
             raise UserError(f"--sample_dir {sample_dir} holds files but no {SETTINGS_FILE} saying what wrote them; "
                             f"use another --sample_dir, or --overwrite to replace its contents")
         elif diff := settings_diff(old, settings):
