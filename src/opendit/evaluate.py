@@ -320,8 +320,6 @@ def build_parser() -> ArgumentParser:
 
 
 def run_eval(args) -> dict:
-    if args.batch_size <= 0 or args.splits <= 0:
-        raise UserError("--batch_size and --splits must be positive")
     if args.save_stats and os.path.isdir(args.save_stats):
         raise UserError(f"--save_stats {args.save_stats} is a directory")
     if args.save_stats and args.reference.endswith(".npz") and os.path.isfile(args.reference):

@@ -77,8 +77,6 @@ def shard_done(root: str, name: str) -> bool:
 
 
 def extract(args) -> int:
-    if min(args.batch_size, args.shard_size, args.image_size) <= 0 or args.num_workers < 0:
-        raise UserError("--batch_size, --shard_size and --image_size must be positive")
     env = parallel.init_distributed(args.device)
     dataset = build_dataset(args.dataset, args.data_path, args.image_size)
     if dataset.channels != 3:

@@ -122,8 +122,6 @@ def main(argv=None) -> int:
     p.add_argument("script_args", nargs="...")
     args = p.parse_args(argv)
     try:
-        if args.nproc_per_node < 1:
-            raise UserError("--nproc_per_node must be positive")
         hosts = parse_hostfile(args.hostfile, args.nproc_per_node)
         env = {}
         for item in args.env:

@@ -86,6 +86,7 @@ def apply_run_settings(args: argparse.Namespace, given: set[str] | None, saved: 
     [the run's value, this command line's], of the given settings that differ. ``given`` None means every flag was
     given (nothing is inherited). Raises a one-line UserError for a defining setting that differs."""
     given = set(vars(args)) if given is None else given
+
     def refuse(flag: str, ours, theirs) -> None:
         raise UserError(f"--{flag} {ours}: the run in {run_dir} was started with --{flag} {theirs}; resume without "
                         f"it (the run's value is used) or start a new run")
@@ -103,18 +104,15 @@ def apply_run_settings(args: argparse.Namespace, given: set[str] | None, saved: 
 
     if "global_batch" in saved:
         batch = int(saved["global_batch"])
-        if "batch_size" in given:
-            if args.batch_size * world_size != batch:
-                raise UserError(f"--batch_size {args.batch_size} on {world_size} process(es) is a global batch of "
-                                f"{args.batch_size * world_size}; the run in {run_dir} has a global batch of {batch}; "
-                                f"use --batch_size {batch // world_size if batch % world_size == 0 else '?'} "
-                                f"(or drop it)" + ("" if batch % world_size == 0 else
-                                                   f", on a number of processes that divides {batch}"))
-        elif batch % world_size:
+        if batch % world_size:
             raise UserError(f"the run in {run_dir} has a global batch of {batch}, which {world_size} processes cannot "
                             f"share evenly; resume on a number of processes that divides it")
-        else:
+        if "batch_size" not in given:
             args.batch_size = batch // world_size
+        elif args.batch_size * world_size != batch:
+            raise UserError(f"--batch_size {args.batch_size} on {world_size} process(es) is a global batch of "
+                            f"{args.batch_size * world_size}; the run in {run_dir} has a global batch of {batch}; "
+                            f"use --batch_size {batch // world_size} (or drop it)")
 
     changes = {}
     for key in CHANGEABLE:

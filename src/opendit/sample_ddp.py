@@ -191,8 +191,6 @@ def build_parser() -> ArgumentParser:
 
 
 def sample_all(args) -> int:
-    if args.num_samples <= 0 or args.per_proc_batch_size <= 0:
-        raise UserError("--num_samples and --per_proc_batch_size must be positive")
     env = parallel.init_distributed(args.device)
     precision = parallel.Precision(args.mixed_precision, env.device)
     loaded = load_for_sampling(args, env.device)
