@@ -52,7 +52,7 @@ timeout 120 $PY scripts/dit/train.py --dataset latents --data_path $W/feats --mo
 echo "== FID Inception forward throughput (random weights, fp32, 256 px uint8 input)"
 $PY -c "
 import time, torch
-from opendit.inception import FIDInceptionV3
+from opendit.eval.inception import FIDInceptionV3
 net = FIDInceptionV3().cuda().eval()
 x = torch.randint(0, 256, (200, 3, 256, 256), dtype=torch.uint8, device='cuda')
 with torch.no_grad():

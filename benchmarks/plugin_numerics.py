@@ -64,7 +64,7 @@ def in_process() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from opendit.parallel import shard_model
+    from opendit.parallelize import shard_model
 
     mesh = init_device_mesh("cpu", (1,))
     base = tiny_model()

@@ -32,7 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.flops import dit_train_flops_per_image, model_cost_config  # noqa: E402
+from opendit.distributed import DistEnv  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
+from opendit.parallelize import ModelOptions, parallelize_dit  # noqa: E402
 
 # Dense bf16 peak of the chip, the usual MFU denominator (spec sheet, SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "H800": 989.0}
@@ -67,21 +69,17 @@ class Trainer:
         fast = config == "fast"
         latent = args.image_size // 8
         torch.manual_seed(0)
-        model = DiT_models[args.model](
-            input_size=latent, in_channels=4, num_classes=args.num_classes,
-            attention_impl=("flash" if (fast and device.type == "cuda") else ("sdpa" if fast else "eager")),
-            grad_checkpoint=args.grad_checkpoint and fast,
-            enable_modulate_kernel=args.modulate_kernel and fast,
-        ).to(device)
+        model = DiT_models[args.model](input_size=latent, in_channels=4, num_classes=args.num_classes).to(device)
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ema_params = [e for e, p in zip(self.ema.parameters(), model.parameters()) if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0, fused=(fast and device.type == "cuda"))
         self.model = model
-        if fast and args.compile:  # per block, as the trainer's --compile does
-            for block in model.blocks:
-                block.compile()
-        self.forward = model
+        # the trainer's model transformation (one process: no data-parallel wrapper)
+        options = ModelOptions(attention="flash" if (fast and device.type == "cuda") else ("sdpa" if fast else "eager"),
+                               norm="modulate_kernel" if (args.modulate_kernel and fast) else "torch",
+                               grad_checkpoint=args.grad_checkpoint and fast, compile=args.compile and fast)
+        self.forward = parallelize_dit(model, options, DistEnv(device=device))
         self.diffusion = create_diffusion("")
         low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.fast_dtype or ("bf16" if device.type == "cuda" else "fp32")]
         self.autocast = torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=fast and low is not None)

@@ -1,7 +1,16 @@
-"""Shared helpers for tests that run the command-line programs."""
+"""Shared helpers for tests that run the command-line programs.
+
+``run`` / ``run_train`` run a program of scripts/dit/ (or ``python -m opendit``) *in this process* by calling its
+``main(argv)`` with stdout and stderr captured, which is what the program does as a process minus Python's and torch's
+start-up (seconds per run on a 2-core CPU). They run it as a real process when asked (``process=True``: the end-to-end
+tests that prove the wiring), under torchrun, or when an injected fault kills or crashes the process.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
@@ -13,16 +22,61 @@ TRAIN = os.path.join(REPO, "scripts", "dit", "train.py")
 # A tiny, fast training configuration on the bundled digits (fp32, CPU).
 TINY = ["--dataset", "digits", "--model", "DiT-N/2", "--mixed_precision", "fp32", "--device", "cpu", "--lr", "1e-3"]
 
+# scripts/dit/<file> -> the module whose main(argv) it runs
+SCRIPT_MODULES = {"train.py": "opendit.train", "train_dit.py": "opendit.train", "sample_dit.py": "opendit.sample",
+                  "sample_ddp.py": "opendit.sample_ddp", "score_digits.py": "opendit.digits_eval",
+                  "evaluate.py": "opendit.evaluate", "extract_features.py": "opendit.extract_features",
+                  "convert.py": "opendit.convert"}
+PROCESS_ONLY_FAULTS = ("crash", "kill_in_save")  # they end the process they happen in
 
-def run(args, env_extra=None, timeout=300):
+
+def _program(args):
+    """(module, argv) when ``args`` is ``python scripts/dit/X.py ...`` or ``python -m opendit ...``, else None."""
+    if len(args) < 2 or args[0] != sys.executable:
+        return None
+    if args[1] == "-m" and len(args) > 2 and args[2] in ("opendit", "opendit.cli"):
+        return "opendit.cli", list(args[3:])
+    if os.path.dirname(os.path.abspath(args[1])) == os.path.join(REPO, "scripts", "dit"):
+        module = SCRIPT_MODULES.get(os.path.basename(args[1]))
+        return (module, list(args[2:])) if module else None
+    return None
+
+
+def run_in_process(module: str, argv: list[str], env_extra=None) -> subprocess.CompletedProcess:
+    env = {"OPENDIT_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    saved_env, cwd = {k: os.environ.get(k) for k in env}, os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(env)
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = importlib.import_module(module).main(argv)
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([module, *argv], code, out.getvalue(), err.getvalue())
+
+
+def run(args, env_extra=None, timeout=300, process=False):
+    fault = (env_extra or {}).get("OPENDIT_FAULT", "")
+    target = None if process or any(k in fault for k in PROCESS_ONLY_FAULTS) else _program(args)
+    if target is not None:
+        return run_in_process(*target, env_extra=env_extra)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OPENDIT_OFFLINE="1", HF_HUB_OFFLINE="1")
     env.update(env_extra or {})
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
-def run_train(*args, nproc: int = 1, env_extra=None, **kw):
+def run_train(*args, nproc: int = 1, env_extra=None, process=False, **kw):
     if nproc == 1:
-        return run([sys.executable, TRAIN, *args], env_extra=env_extra, **kw)
+        return run([sys.executable, TRAIN, *args], env_extra=env_extra, process=process, **kw)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return run([*torchrun, TRAIN, *args], env_extra={"OMP_NUM_THREADS": "1", **(env_extra or {})}, **kw)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opendit.checkpoint import save_checkpoint
+from opendit.training.checkpoint import save_checkpoint
 from opendit.convert import main as convert
 from opendit.models import DiT_models
 

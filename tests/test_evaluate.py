@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from opendit import evaluate
+from opendit.eval import scores
 from opendit.errors import UserError
-from opendit.inception import FIDInceptionV3, load_fid_inception, resize_bilinear_tf1
+from opendit.eval.inception import FIDInceptionV3, load_fid_inception, resize_bilinear_tf1
 
 
 def direct_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -32,9 +33,9 @@ def features():
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(features):
     f = torch.from_numpy(features)
-    assert abs(evaluate.fid_from(f, f)) < 1e-6
+    assert abs(scores.fid_from(f, f)) < 1e-6
     g = np.random.default_rng(1)
-    fids = [evaluate.fid_from(torch.from_numpy(features + s * g.normal(size=features.shape)), f) for s in (0.05, 0.2, 0.5, 1)]
+    fids = [scores.fid_from(torch.from_numpy(features + s * g.normal(size=features.shape)), f) for s in (0.05, 0.2, 0.5, 1)]
     assert all(x < y for x, y in zip(fids, fids[1:])), fids
     assert fids[0] > 1e-3
 
@@ -43,11 +44,11 @@ def test_fid_matches_a_direct_scipy_computation_and_precomputed_statistics(featu
     g = np.random.default_rng(2)
     other = features[:300] * 1.3 + 0.2 + 0.3 * g.normal(size=(300, 16))
     want = direct_fid(other, features)
-    got = evaluate.fid_from(torch.from_numpy(other), torch.from_numpy(features))
+    got = scores.fid_from(torch.from_numpy(other), torch.from_numpy(features))
     assert got == pytest.approx(want, rel=1e-7)
     stats = {"mu": features.mean(0), "sigma": np.cov(features, rowvar=False), "n": len(features)}
-    assert evaluate.fid_from(torch.from_numpy(other), reference_stats=stats) == pytest.approx(want, rel=1e-7)
-    assert evaluate.fid_from(torch.from_numpy(other), reference_stats=dict(stats, n=None)) == pytest.approx(want, rel=1e-7)
+    assert scores.fid_from(torch.from_numpy(other), reference_stats=stats) == pytest.approx(want, rel=1e-7)
+    assert scores.fid_from(torch.from_numpy(other), reference_stats=dict(stats, n=None)) == pytest.approx(want, rel=1e-7)
 
 
 def test_inception_score_matches_its_formula():
@@ -57,13 +58,13 @@ def test_inception_score_matches_its_formula():
     p /= p.sum(1, keepdims=True)
     py = p.mean(0)
     want = np.exp((p * (np.log(p) - np.log(py))).sum(1).mean())  # exp E_x KL(p(y|x) || p(y))
-    mean, std = evaluate.inception_score(torch.from_numpy(logits), splits=1)
+    mean, std = scores.inception_score(torch.from_numpy(logits), splits=1)
     assert mean == pytest.approx(want, rel=1e-9) and std == 0
     # one-hot-like predictions spread evenly over K classes: IS -> K; identical predictions: IS -> 1
     sharp = np.repeat(np.eye(10) * 50, 20, axis=0)
-    assert evaluate.inception_score(torch.from_numpy(sharp), splits=1)[0] == pytest.approx(10, rel=1e-6)
-    assert evaluate.inception_score(torch.from_numpy(np.tile(sharp[:1], (200, 1))), splits=1)[0] == pytest.approx(1, rel=1e-6)
-    m10, s10 = evaluate.inception_score(torch.from_numpy(logits), splits=10)
+    assert scores.inception_score(torch.from_numpy(sharp), splits=1)[0] == pytest.approx(10, rel=1e-6)
+    assert scores.inception_score(torch.from_numpy(np.tile(sharp[:1], (200, 1))), splits=1)[0] == pytest.approx(1, rel=1e-6)
+    m10, s10 = scores.inception_score(torch.from_numpy(logits), splits=10)
     assert m10 < mean and s10 > 0  # smaller splits estimate p(y) from fewer samples
 
 
@@ -78,10 +79,10 @@ def test_precision_recall_matches_brute_force():
     r_fake = np.sort(d_ff, axis=1)[:, 3]
     want_p = np.mean([(d_fr[i] <= r_real).any() for i in range(len(fake))])
     want_r = np.mean([(d_fr[:, j] <= r_fake).any() for j in range(len(real))])
-    got = evaluate.precision_recall(torch.from_numpy(fake), torch.from_numpy(real), k=3, chunk=17)
+    got = scores.precision_recall(torch.from_numpy(fake), torch.from_numpy(real), k=3, chunk=17)
     assert got == (pytest.approx(want_p), pytest.approx(want_r))
     assert want_r < 0.5 < want_p  # a narrow sample set: precise, poor recall
-    assert evaluate.precision_recall(torch.from_numpy(real), torch.from_numpy(real)) == (1.0, 1.0)
+    assert scores.precision_recall(torch.from_numpy(real), torch.from_numpy(real)) == (1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- the Inception network
@@ -149,7 +150,7 @@ def test_missing_inception_weights_offline_is_a_clear_error(monkeypatch, tmp_pat
 
 @pytest.fixture(scope="module")
 def digit_sets(tmp_path_factory):
-    from opendit.digits_eval import real_digits
+    from opendit.eval.digits import real_digits
 
     root = tmp_path_factory.mktemp("digits")
     images, labels = real_digits()

@@ -72,7 +72,8 @@ def test_no_nan_on_large_magnitudes(dtype):
     check(2, 7, 384, dtype, magnitude=1e4 if dtype == torch.bfloat16 else 1e15)
 
 
-@pytest.mark.parametrize("B,T,D", [(1, 1, 384), (2, 7, 1152), (3, 15, 384), (5, 256, 384)])
+@pytest.mark.parametrize("B,T,D", [(1, 1, 384), (2, 7, 1152), (3, 15, 384),
+                                   pytest.param(5, 256, 384, marks=pytest.mark.slow)])  # interpreter: ~12 s each
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_residual_matches_reference(B, T, D, dtype):
     g = torch.Generator().manual_seed(B + T + D)
@@ -117,6 +118,7 @@ def test_full_dit_with_kernels_matches_without():
     assert DiT(**kw, enable_layernorm_kernel=True).final_layer.norm_impl == "layernorm_kernel"
 
 
+@pytest.mark.slow  # the whole trainer through the Triton interpreter: ~70 s on 2 cores
 def test_trainer_kernel_flags(tmp_path):
     from helpers import TINY, only_run_dir, read_metrics, run_train
 

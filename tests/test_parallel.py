@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from helpers import REPO, TINY, TRAIN, only_run_dir, read_metrics, run, run_train
-from opendit.checkpoint import list_checkpoints
+from opendit.training.checkpoint import list_checkpoints
 from opendit.errors import UserError
-from opendit.launch import parse_hostfile
+from opendit.multinode import parse_hostfile
 
 pytestmark = pytest.mark.slow  # ~2 minutes of 2-process runs
 

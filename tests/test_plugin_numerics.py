@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from opendit.models import DiT_models
-from opendit.parallel import shard_model
+from opendit.parallelize import shard_model
 from test_model import perturbed
 
 

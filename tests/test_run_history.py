@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import TINY, only_run_dir, read_metrics, run_train
-from opendit import checkpoint as ckpt
+from opendit.training import checkpoint as ckpt
 from opendit.data import GlobalBatchPlan
 from opendit.errors import UserError
 from opendit.train import main as train_main
@@ -170,3 +170,16 @@ def test_one_seed_per_epoch_visits_every_image_once():
     assert len(kept) == 1792 and len(set(kept.tolist())) == 1792
     mixed = drawn(lambda step: 3 if step < 56 else 0)
     assert 1792 - len(set(mixed.tolist())) > 300  # expected 896 * 896 / 1797 = 447 repeats
+
+
+def test_branching_back_twice_in_the_same_second_keeps_both_abandoned_branches(tmp_path):
+    run = _tiny_run(str(tmp_path))
+    first, moved = ckpt.start_branch(run, os.path.join(run, "epoch0-global_step1"), "20261127-020000")
+    assert moved == ["epoch0-global_step2", "epoch0-global_step3"] and first.endswith("-020000")
+    sd = {"w": torch.zeros(2)}
+    ckpt.save_checkpoint(run, ckpt.checkpoint_name(0, 2), model_state=sd, ema_state=sd, optimizer_state={},
+                         running_states={"epoch": 0, "epoch_offset": 2, "global_step": 2})
+    second, moved = ckpt.start_branch(run, os.path.join(run, "epoch0-global_step1"), "20261127-020000")
+    assert moved == ["epoch0-global_step2"] and second == first + "-2"
+    assert sorted(os.listdir(first)) == ["epoch0-global_step2", "epoch0-global_step3"]
+    assert os.listdir(second) == ["epoch0-global_step2"]

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from helpers import TINY, only_run_dir, run, run_train
-from opendit.checkpoint import list_checkpoints, load_weights
+from opendit.training.checkpoint import list_checkpoints, load_weights
 from opendit.diffusion import create_diffusion
 from opendit.errors import UserError
 from opendit.images import labelled_grid
@@ -217,7 +217,7 @@ def test_sample_dit_cli_is_one_line_with_exit_2(tmp_path):
 
 def test_digits_score_of_real_digits():
     """The quality check itself: real digits score ~100% and the FDs the issue quotes (300 real digits: ~22)."""
-    from opendit.digits_eval import real_digits, score
+    from opendit.eval.digits import real_digits, score
 
     imgs, labels = real_digits()
     idx = np.random.default_rng(0).choice(len(imgs), 300, replace=False)
@@ -287,7 +287,7 @@ def test_sample_folders_cannot_mix_settings(tmp_path, monkeypatch, capsys):
     assert np.array_equal(_npz(str(d) + ".npz")[0], img1)
 
     # --overwrite: interrupted half-way, the old samples are intact; rerun, the folder holds the new ones only
-    import opendit.sample_ddp as sd_mod
+    import opendit.sampling.folder as sd_mod
 
     calls = {"n": 0}
     real_generate = sd_mod.generate
@@ -321,8 +321,8 @@ def test_every_checkpoint_spelling_finds_the_runs_config(tmp_path):
     names and image size (a trailing slash or model/model.safetensors used to lose them)."""
     import json
 
-    from opendit.checkpoint import save_checkpoint
-    from opendit.sample import load_for_sampling
+    from opendit.training.checkpoint import save_checkpoint
+    from opendit.sampling import load_for_sampling
     from opendit.sample_ddp import build_parser
 
     vae = _tiny_vae_dir(tmp_path / "vae")  # 2x downsampling, 4 latent channels
@@ -356,7 +356,7 @@ def test_scores_piped_into_head_print_no_traceback(tmp_path):
     import subprocess
     import sys
 
-    from opendit.digits_eval import real_digits
+    from opendit.eval.digits import real_digits
 
     imgs, labels = real_digits()
     npz = tmp_path / "real.npz"

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY, only_run_dir, read_metrics, run_train
-from opendit.checkpoint import list_checkpoints, load_checkpoint
-from opendit.ema import EMA
+from opendit.training.checkpoint import list_checkpoints, load_checkpoint
+from opendit.training.ema import EMA
 from opendit.models import DiT_models
 
 
@@ -124,7 +124,8 @@ def test_ema_math():
 
 
 def test_final_sample_grid_and_tensorboard(tmp_path):
-    r = run_train(*TINY, "--batch_size", "32", "--max_steps", "2", "--final_samples", "2", "--outputs", str(tmp_path))
+    r = run_train(*TINY, "--batch_size", "32", "--max_steps", "2", "--final_samples", "2", "--outputs", str(tmp_path),
+                  process=True)  # the whole program as a process, end to end
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     from PIL import Image
@@ -164,7 +165,7 @@ def test_low_precision_runs_at_tiny_size(tmp_path, precision):
     r = run_train(*[a for a in TINY if a != "fp32" and a != "--mixed_precision"], "--mixed_precision", precision,
                   "--batch_size", "16", "--max_steps", "3", "--log_every", "1", "--outputs", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    from opendit.parallel import cpu_has_fast_bf16
+    from opendit.precision import cpu_has_fast_bf16
 
     assert ("warning: --mixed_precision" in r.stderr) == (not cpu_has_fast_bf16())  # a CPU without AMX says so
     run_dir = only_run_dir(tmp_path)

@@ -1,4 +1,4 @@
-"""Sample a grid of images from a DiT checkpoint: see --help and opendit/sample.py."""
+"""Sample a grid of images from a DiT checkpoint: see --help, opendit/sample.py and opendit/sampling/."""
 
 import os
 import sys

@@ -1,4 +1,5 @@
-"""Train a class-conditional DiT: see `python scripts/dit/train.py --help` and opendit/train.py."""
+"""Train a class-conditional DiT: see `python scripts/dit/train.py --help`, opendit/train.py (the flags) and
+opendit/training/trainer.py (the training)."""
 
 import os
 import sys

@@ -1,5 +1,5 @@
-"""The ``opendit`` command: ``opendit models`` lists the model configs; ``opendit train|sample|sample-ddp|score-digits|
-eval|convert`` run the programs of scripts/dit/ under one name."""
+"""The ``opendit`` command (also ``python -m opendit``): ``opendit models`` lists the model configs; ``opendit train|
+sample|sample-ddp|score-digits|extract-features|eval|convert|run`` run the programs of scripts/dit/ under one name."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import sys
 
 import torch
 
-from opendit.errors import POSITIVE_INT, ArgumentParser
+from opendit.errors import POSITIVE_INT, ArgumentParser, UserError
+from opendit.program import run_main
 
 
 def cmd_models(args) -> int:
     from opendit.models import DiT_models, PUBLISHED_MODELS, model_config
 
+    if args.image_size % args.vae_downsample:
+        raise UserError(f"--image_size {args.image_size} is not divisible by --vae_downsample {args.vae_downsample}")
     side = args.image_size // args.vae_downsample
     print(f"{'model':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>10}  (input {side}x{side}x{args.in_channels})")
     for name in DiT_models:
@@ -56,11 +59,7 @@ def main(argv=None) -> int:
         import importlib
 
         return importlib.import_module(PROGRAMS[argv[0]][0]).main(argv[1:])
-    args = ap.parse_args(argv)
-    if args.image_size % args.vae_downsample:
-        print(f"error: --image_size {args.image_size} is not divisible by --vae_downsample {args.vae_downsample}", file=sys.stderr)
-        return 2
-    return cmd_models(args)
+    return run_main(cmd_models, ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -43,6 +43,5 @@ def labelled_grid(images: torch.Tensor, labels, class_names, *, min_cell: int = 
 
 
 def save_image_atomic(img: Image.Image, path: str) -> None:
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp)

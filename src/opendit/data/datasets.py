@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import atomic_path
 from ..errors import UserError
 from .transforms import adm_center_crop, flip_where, resize_batch, to_unit_range
 
@@ -106,19 +107,16 @@ def download_cifar10(data_path: str, timeout: float = 20.0) -> None:
         raise UserError(f"CIFAR-10 is not in {os.path.join(data_path, CIFAR10_DIR)} and OPENDIT_OFFLINE is set; {where}")
     os.makedirs(data_path, exist_ok=True)
     tar_path = os.path.join(data_path, "cifar-10-python.tar.gz")
-    tmp = tar_path + ".part"
-    try:
-        with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"CIFAR-10 is not in {os.path.join(data_path, CIFAR10_DIR)} and could not be downloaded ({e}); {where}") from None
-    if _md5(tmp) != CIFAR10_MD5:
-        os.remove(tmp)
-        raise UserError(f"the downloaded CIFAR-10 archive fails its MD5 check ({CIFAR10_MD5}); try again")
-    os.replace(tmp, tar_path)
+    with atomic_path(tar_path, tmp=tar_path + ".part") as tmp:
+        try:
+            with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as r, open(tmp, "wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+        except OSError as e:
+            raise UserError(f"CIFAR-10 is not in {os.path.join(data_path, CIFAR10_DIR)} and could not be downloaded "
+                            f"({e}); {where}") from None
+        if _md5(tmp) != CIFAR10_MD5:
+            raise UserError(f"the downloaded CIFAR-10 archive fails its MD5 check ({CIFAR10_MD5}); try again")
     with tarfile.open(tar_path, "r:gz") as tar:
         tar.extractall(data_path, filter="data")
 

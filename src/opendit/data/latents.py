@@ -36,6 +36,7 @@ class LatentDataset:
     """Posterior means and stds of a data set; ``batch(indices, flips)`` gives (B, 2C, h, w) float32 = [mean, std]."""
 
     def __init__(self, root: str):
+        self.root = root
         path = os.path.join(root, INDEX)
         if not os.path.isfile(path):
             raise UserError(f"--dataset latents: {path} not found (write it with scripts/dit/extract_features.py)")

@@ -19,6 +19,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .kinds import ModelMeanType
+
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 
 
@@ -75,8 +77,6 @@ def dpm_solver_sample_loop(
 
     ``skip_type``: "logSNR" (default; steps uniform in log-SNR, the most accurate on that toy at
     10-25 steps: std 0.512 at 20), "time_uniform" or "time_quadratic"."""
-    from .gaussian_diffusion import ModelMeanType
-
     if order not in (1, 2):
         raise ValueError(f"DPM-Solver++ order must be 1 or 2, got {order}")
     x = noise if noise is not None else torch.randn(*shape, device=device if device is not None else "cpu")

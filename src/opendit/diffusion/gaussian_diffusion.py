@@ -11,33 +11,15 @@ alphas_cumprod at the kept steps) and calls the model with the original-scale st
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from .dpm_solver import dpm_solver_sample_loop
+from .kinds import LossType, ModelMeanType, ModelVarType
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-
-
-class ModelMeanType(enum.Enum):
-    EPSILON = "epsilon"  # the model predicts the noise
-    START_X = "start_x"  # the model predicts x_0
-
-
-class ModelVarType(enum.Enum):
-    FIXED_SMALL = "fixed_small"  # posterior variance beta~_t
-    FIXED_LARGE = "fixed_large"  # beta_t (beta~_1 at t=0)
-    LEARNED = "learned"  # the model outputs log-variance
-    LEARNED_RANGE = "learned_range"  # the model outputs v in [-1, 1]: interpolation in log space
-
-
-class LossType(enum.Enum):
-    MSE = "mse"  # MSE on the mean target, plus the VB term when the variance is learned
-    RESCALED_MSE = "rescaled_mse"  # same, VB term scaled by T/1000
-    KL = "kl"  # the variational bound
-    RESCALED_KL = "rescaled_kl"  # the bound times T
 
 
 _TABLE_NAMES = (
@@ -338,8 +320,6 @@ class GaussianDiffusion:
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, progress=False, **kwargs):
         """DPM-Solver++ sampling; see :func:`opendit.diffusion.dpm_solver.dpm_solver_sample_loop`."""
-        from .dpm_solver import dpm_solver_sample_loop
-
         return dpm_solver_sample_loop(self, model, shape, noise=noise, model_kwargs=model_kwargs, device=device, progress=progress, **kwargs)
 
     # ------------------------------------------------------------------ training
@@ -354,6 +334,10 @@ class GaussianDiffusion:
             discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
         ) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """n training timesteps, uniform over 0..T-1 (what a trainer passes to ``training_losses`` as t)."""
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None) -> dict:
         """Per-sample losses for steps t: {"loss", "mse", "vb"} (vb only with learned variance)."""

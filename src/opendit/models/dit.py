@@ -149,19 +149,25 @@ except Exception:
     _FLASH_ATTN_FUNC = None
 
 
+def flash_attention_problem(device, dtype: torch.dtype | None) -> str | None:
+    """Why flash attention cannot run on ``device`` with activations of ``dtype`` (None: fp32), or None when it can.
+    The one check behind --enable_flashattn: the programs call it before they start, the attention call at run time."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (f"--enable_flashattn needs a CUDA GPU (flash / cuDNN attention); this runs on {device.type}. Drop the "
+                f"flag to use the default SDPA attention")
+    if dtype not in (torch.float16, torch.bfloat16):
+        name = {None: "fp32", torch.float32: "fp32"}.get(dtype, str(dtype).replace("torch.", ""))
+        return (f"--enable_flashattn needs fp16 or bf16 activations, not {name}: use --mixed_precision bf16 or fp16, "
+                f"or drop the flag")
+    return None
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention restricted to fused flash kernels: ``flash_attn`` when installed, otherwise
     SDPA limited to its flash and cuDNN backends. Raises AttentionBackendError where none can run."""
-    if not q.is_cuda:
-        raise AttentionBackendError(
-            "--enable_flashattn needs a CUDA GPU (flash / cuDNN attention); this tensor is on "
-            f"{q.device.type}. Drop the flag to use the default SDPA attention."
-        )
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise AttentionBackendError(
-            f"--enable_flashattn needs fp16 or bf16 activations, got {q.dtype}; "
-            "use --mixed_precision bf16 or fp16, or drop the flag."
-        )
+    if (problem := flash_attention_problem(q.device, q.dtype)) is not None:
+        raise AttentionBackendError(problem)
     if _FLASH_ATTN_FUNC is not None:  # flash_attn takes (N, T, nh, hd)
         return _FLASH_ATTN_FUNC(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -313,7 +319,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        self.grad_checkpoint = grad_checkpoint
+        self.grad_checkpoint = False
 
         self.x_embedder = PatchEmbed(self.input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -325,6 +331,8 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        # the speed switches, as a convenience: the same setters opendit.parallelize applies from outside
+        self.set_grad_checkpoint(grad_checkpoint)
         if enable_modulate_kernel:
             self.set_norm_impl("modulate_kernel")
         elif enable_layernorm_kernel:
@@ -340,6 +348,11 @@ class DiT(nn.Module):
             raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
         for block in self.blocks:
             block.attn.impl = impl
+        return self
+
+    def set_grad_checkpoint(self, enabled: bool = True) -> "DiT":
+        """Recompute each block in the backward pass (activation checkpointing) instead of keeping its activations."""
+        self.grad_checkpoint = bool(enabled)
         return self
 
     def set_norm_impl(self, impl: str) -> "DiT":
@@ -384,16 +397,27 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
+                return_hidden: tuple[int, ...] = ()):
         """``force_drop_ids`` (N,) bool/0-1, optional: which labels to replace by the null class, instead of the
-        random class dropout of training mode (a trainer passes it to control the randomness itself)."""
+        random class dropout of training mode (a trainer passes it to control the randomness itself).
+        ``return_hidden``: block numbers k (1 = the first block) whose output tokens (N, T, D) are wanted too (for
+        auxiliary losses); then the result is (output, {k: tokens})."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D); fp32 residual stream under autocast
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         use_ckpt = self.grad_checkpoint and torch.is_grad_enabled()
-        for block in self.blocks:
+        hidden = {}
+        for k, block in enumerate(self.blocks, start=1):
             x = checkpoint(block, x, c, use_reentrant=False) if use_ckpt else block(x, c)
+            if k in return_hidden:
+                hidden[k] = x
         x = self.final_layer(x, c)  # (N, T, p*p*out_C)
-        return self.unpatchify(x)
+        out = self.unpatchify(x)
+        if return_hidden:
+            if missing := sorted(set(return_hidden) - set(hidden)):
+                raise ValueError(f"return_hidden: no block {missing[0]} (blocks are numbered 1..{len(self.blocks)})")
+            return out, hidden
+        return out
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guidance_channels: int | None = None

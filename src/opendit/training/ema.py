@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .parallel import DistEnv, full_model_state, local
+from ..distributed import DistEnv, full_model_state, local
 
 
 class EMA:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from opendit.metrics import frechet_distance, frechet_distance_of
+from opendit.eval.frechet import frechet_distance, frechet_distance_of
 
 
 def test_frechet_distance_closed_forms():

@@ -31,8 +31,9 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import faults
-from .errors import UserError
+from .. import faults
+from ..atomic import atomic_path, fsync_path, write_text_atomic
+from ..errors import UserError
 
 CKPT_RE = re.compile(r"^epoch(\d+)-global_step(\d+)$")
 MODEL_FILE = os.path.join("model", "model.safetensors")
@@ -137,23 +138,6 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(ckpt_dir: str) -> None:
     """Record the size and SHA-256 of every file of ``ckpt_dir`` (fsyncing each) in manifest.json."""
     files = {}
@@ -163,7 +147,7 @@ def write_manifest(ckpt_dir: str) -> None:
             rel = os.path.relpath(full, ckpt_dir).replace(os.sep, "/")
             if rel == MANIFEST:
                 continue
-            _fsync_path(full)
+            fsync_path(full)
             files[rel] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
     write_text_atomic(os.path.join(ckpt_dir, MANIFEST), json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
 
@@ -214,28 +198,23 @@ def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: di
     named in ``protect`` (e.g. the checkpoint this session resumed from)."""
     remove_stale_partials(run_dir)
     final = os.path.join(run_dir, name)
-    tmp = os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
-    os.makedirs(os.path.join(tmp, "model"))
-    os.makedirs(os.path.join(tmp, "optimizer"))
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
-    if m := CKPT_RE.match(name):
-        faults.maybe_kill_in_save(int(m.group(2)))
-    torch.save({k: v.detach().float().cpu() for k, v in ema_state.items()}, os.path.join(tmp, EMA_FILE))
-    torch.save(optimizer_state, os.path.join(tmp, OPTIM_FILE))
-    with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump(running_states, f, indent=2)
-    write_manifest(tmp)
-    for d in (tmp, os.path.join(tmp, "model"), os.path.join(tmp, "optimizer")):
-        _fsync_path(d)
-    old = None
-    if os.path.exists(final):  # the same step saved again (e.g. the final save right after a periodic one)
-        old = os.path.join(run_dir, f".old-{name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
+    # the same step saved again (e.g. the final save right after a periodic one) replaces the folder only when the
+    # new one is complete; a kill in between leaves .tmp-* / .old-* folders that remove_stale_partials clears
+    with atomic_path(final, tmp=os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")) as tmp:
+        os.makedirs(os.path.join(tmp, "model"))
+        os.makedirs(os.path.join(tmp, "optimizer"))
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
+        if m := CKPT_RE.match(name):
+            faults.maybe_kill_in_save(int(m.group(2)))
+        torch.save({k: v.detach().float().cpu() for k, v in ema_state.items()}, os.path.join(tmp, EMA_FILE))
+        torch.save(optimizer_state, os.path.join(tmp, OPTIM_FILE))
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(running_states, f, indent=2)
+        write_manifest(tmp)
+        for d in (tmp, os.path.join(tmp, "model"), os.path.join(tmp, "optimizer")):
+            fsync_path(d)
     write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
-    _fsync_path(run_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    fsync_path(run_dir)
     deleted = []
     if keep > 0:
         spared = {name, *(os.path.basename(os.path.normpath(p)) for p in protect)}
@@ -255,7 +234,7 @@ def checkpoint_step(ckpt_dir: str) -> int:
 
 def start_branch(run_dir: str, ckpt_dir: str, stamp: str) -> tuple[str | None, list[str]]:
     """Resuming from ``ckpt_dir`` when ``run_dir`` has newer checkpoints starts a new branch of the run's history:
-    the newer ones are moved (not deleted) into ``run_dir/abandoned-after-<ckpt>-<stamp>/`` and ``latest`` names
+    the newer ones are moved (not deleted) into ``run_dir/abandoned-after-<ckpt>-<stamp>[-n]/`` and ``latest`` names
     ``ckpt_dir``, so the run directory, ``latest`` and retention all follow the branch being trained. Returns (that
     folder or None, the names moved). Called on one rank."""
     name = os.path.basename(os.path.normpath(ckpt_dir))
@@ -264,12 +243,16 @@ def start_branch(run_dir: str, ckpt_dir: str, stamp: str) -> tuple[str | None, l
     if not newer:
         return None, []
     aside = os.path.join(run_dir, f"abandoned-after-{name}-{stamp}")
+    n = 1
+    while os.path.exists(aside):  # branched back twice in the same second
+        n += 1
+        aside = os.path.join(run_dir, f"abandoned-after-{name}-{stamp}-{n}")
     os.makedirs(aside)
     for c in newer:
         os.replace(c, os.path.join(aside, os.path.basename(c)))
     write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
-    _fsync_path(aside)
-    _fsync_path(run_dir)
+    fsync_path(aside)
+    fsync_path(run_dir)
     return aside, [os.path.basename(c) for c in newer]
 
 

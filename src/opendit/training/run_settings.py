@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from .errors import UserError
+from ..errors import UserError
 
 HISTORY_FILE = "history.jsonl"
 

@@ -1,4 +1,5 @@
-"""Distribution distances on feature vectors."""
+"""The Fréchet distance of feature distributions: the one implementation behind FID (opendit eval, FID during
+training) and the digits scores."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ def _psd_sqrt(a: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians.
-    tr((S1 S2)^(1/2)) is computed as the sum of the square roots of the eigenvalues of the symmetric PSD matrix
-    S1^(1/2) S2 S1^(1/2), which has the same spectrum and avoids a non-symmetric matrix square root."""
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians (FID on features).
+
+    tr((S1 S2)^(1/2)) is the sum of the singular values of S1^(1/2) S2^(1/2) (the square roots of the eigenvalues of
+    S1^(1/2) S2 S1^(1/2), which has the spectrum of S1 S2): no non-symmetric matrix square root, and no squaring of
+    small eigenvalues, so that a set against itself gives 0 to ~1e-12 even with a rank-deficient covariance (the
+    eigenvalues of S1^(1/2) S2 S1^(1/2) carry an absolute error of ~1e-16 of the largest, i.e. ~1e-8 after the square
+    root: 1e-5 on 128 digit-classifier features)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    r1 = _psd_sqrt(s1)
-    m = r1 @ s2 @ r1
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    tr_sqrt = np.linalg.svd(_psd_sqrt(s1) @ _psd_sqrt(s2), compute_uv=False).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 

@@ -1,0 +1,111 @@
+"""Precomputing a data set's VAE posteriors for ``--dataset latents`` (the format is opendit.data.latents'), on any
+number of processes: shard k is encoded by rank k mod world_size; finished shards are kept on a rerun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..atomic import atomic_path, write_text_atomic
+from ..errors import UserError
+from ..preemption import ignore_in_worker
+from ..vae import VAE_NAMES, load_vae
+from .datasets import ImageFolder, build_dataset
+from .latents import FORMAT, INDEX, PARTS, shard_paths
+
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+def source_batches(dataset, lo: int, hi: int, batch_size: int, num_workers: int):
+    """(images (B, 3, S, S) in [-1, 1], labels (B,), problems) for source positions lo..hi-1 in order; an image folder is
+    read by one DataLoader (its workers live for the whole range)."""
+    starts = range(lo, hi, batch_size)
+    if not isinstance(dataset, ImageFolder):
+        for start in starts:
+            idx = torch.arange(start, min(hi, start + batch_size))
+            yield (*dataset.batch(idx, torch.zeros(len(idx), dtype=torch.bool)), [])
+        return
+    keys = [[(i, False) for i in range(start, min(hi, start + batch_size))] for start in starts]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=num_workers,
+                                         worker_init_fn=ignore_in_worker if num_workers else None)
+    for x, y, problems in loader:
+        yield x, y.long(), [p for p in problems if p]
+
+
+def write_shard(root: str, name: str, arrays: dict) -> None:
+    files = shard_paths(root, name)
+    for part in PARTS:  # "index" last: a shard counts as done when all four files exist
+        with atomic_path(files[part]) as tmp:
+            np.save(tmp, arrays[part])
+
+
+def shard_done(root: str, name: str) -> bool:
+    return all(os.path.isfile(f) for f in shard_paths(root, name).values())
+
+
+def extract(args) -> int:
+    """The body of extract_features.py (``args``: its flags)."""
+    env = distributed.init_distributed(args.device)
+    dataset = build_dataset(args.dataset, args.data_path, args.image_size)
+    if dataset.channels != 3:
+        raise UserError(f"the VAE encodes RGB images; {args.dataset} has {dataset.channels} channel(s)")
+    vae_name = VAE_NAMES.get(args.vae, args.vae)
+    codec = load_vae(vae_name, env.device)
+    if args.image_size % codec.downsample:
+        raise UserError(f"--image_size {args.image_size} is not divisible by the VAE's downsampling {codec.downsample}")
+    try:
+        os.makedirs(args.features_path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--features_path {args.features_path}: {e.strerror or e}") from None
+    n = len(dataset)
+    num_shards = math.ceil(n / args.shard_size)
+    names = [f"shard-{k:06d}" for k in range(num_shards)]
+    mine = [k for k in range(env.rank, num_shards, env.world_size) if not shard_done(args.features_path, names[k])]
+    skipped_bad = 0
+    bar = tqdm(total=sum(min(args.shard_size, n - k * args.shard_size) for k in mine), disable=None if env.is_main else True,
+               desc=f"encode (rank {env.rank})", unit="img")
+    for k in mine:
+        lo, hi = k * args.shard_size, min(n, (k + 1) * args.shard_size)
+        means, stds, labels = [], [], []
+        for x, y, problems in source_batches(dataset, lo, hi, args.batch_size, args.num_workers):
+            for line in problems:
+                skipped_bad += 1
+                print(f"warning: unreadable image {line}: its slot holds the next readable image", file=sys.stderr)
+            if bool((y < 0).any()):
+                raise UserError(f"no readable image among {ImageFolder.MAX_SUBSTITUTES + 1} files in a row, "
+                                f"starting with {problems[0]}")
+            x = x.to(env.device)
+            m0, s0 = codec.posterior(x)
+            m1, s1 = codec.posterior(x.flip(-1))
+            means.append(torch.stack([m0, m1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
+            stds.append(torch.stack([s0, s1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
+            labels.append(y.numpy().astype(np.int64))
+            bar.update(len(y))
+        write_shard(args.features_path, names[k], {"mean": np.concatenate(means), "std": np.concatenate(stds),
+                                                   "label": np.concatenate(labels), "index": np.arange(lo, hi)})
+    bar.close()
+    distributed.barrier(env)
+    if env.is_main:
+        missing = [nm for nm in names if not shard_done(args.features_path, nm)]
+        if missing:
+            raise UserError(f"{len(missing)} shards are missing in {args.features_path} (e.g. {missing[0]}); run again")
+        side = args.image_size // codec.downsample
+        index = {"format": FORMAT, "vae": vae_name, "scaling_factor": codec.scale, "image_size": args.image_size,
+                 "latent_shape": [codec.latent_channels, side, side], "dtype": args.dtype, "source": args.dataset,
+                 "data_path": os.path.abspath(args.data_path), "num_images": n,
+                 "class_names": list(dataset.class_names),
+                 "shards": [{"name": nm, "count": min(args.shard_size, n - i * args.shard_size)} for i, nm in enumerate(names)]}
+        write_text_atomic(os.path.join(args.features_path, INDEX), json.dumps(index, indent=1))
+        print(f"wrote {n} images x 2 (unflipped, flipped) as {args.dtype} posteriors "
+              f"{codec.latent_channels}x{side}x{side} in {num_shards} shard(s) to {args.features_path}")
+    if skipped_bad:
+        print(f"warning: rank {env.rank} met {skipped_bad} unreadable image(s)", file=sys.stderr)
+    distributed.barrier(env)
+    return 0

@@ -1,0 +1,23 @@
+"""The optimizer (AdamW, no weight decay, as published) and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (fused kernels on GPUs). Build it after the model is sharded."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0,
+                             fused=device.type == "cuda")
+
+
+def learning_rate(step: int, *, lr: float, schedule: str, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup, then constant or cosine to 0."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return lr

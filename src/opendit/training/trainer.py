@@ -1,0 +1,414 @@
+"""Train a class-conditional DiT: ``train(args)`` is the body of scripts/dit/train.py.
+
+Read top to bottom: processes -> what to resume (the run's settings) -> data and the space the model works in ->
+model, parallelism, optimizer, objective -> resume or start -> run directory -> the loop (draws, step, log,
+checkpoint, evaluation) -> final checkpoint and sample grid. The step itself is opendit.training.step; its randomness
+opendit.training.randomness (a function of seed and global step over the global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..data import GlobalBatchPlan, build_dataset, default_image_size, plan_batches
+from ..data.latents import LatentDataset
+from ..diffusion import create_diffusion
+from ..errors import TrainingFailed, UserError
+from ..flops import dit_train_flops_per_image, model_cost_config
+from ..models import AttentionBackendError, DiT_models
+from ..parallelize import ModelOptions, check_model_options, parallelize_dit
+from ..precision import Precision
+from ..preemption import StopRequest
+from ..space import Space, check_patch, training_space
+from . import checkpoint as ckpt
+from .bad_images import BadImages
+from .ema import EMA
+from .optim import build_optimizer, learning_rate
+from .randomness import draw_step_randomness, step_seed
+from .resume import plan_resume, restore
+from .run_settings import HISTORY_FILE, append_history, describe_changes
+from .runlog import RunLog, new_run_dir
+from .state import TrainState
+from .step import StepBatch, train_step
+
+DATASETS = ("cifar10", "imagefolder", "digits", "latents")
+
+
+def train(args, given: set[str] | None = None, command: list[str] | None = None) -> int:
+    """``given``: the flags set on the command line (None: all of them); on resume the others come from the run (see
+    run_settings). ``command``: the command line, recorded in the run's history."""
+    validate(args)
+    env = distributed.init_distributed(args.device)
+    log, run_dir, created, stop = RunLog(None), None, False, StopRequest()
+    try:
+        # --- what to resume, and the settings of that run: they decide the model and the data, so they come first
+        resume = plan_resume(args, given, env)
+        validate(args)
+        precision = Precision(args.mixed_precision, env.device)
+        options = ModelOptions.from_flags(args)
+        global_batch = args.batch_size * env.world_size
+
+        # --- data, and the space the model works in (pixels or a VAE's latents)
+        dataset, space = load_data(args, global_batch, env.device, resume)
+        check_patch(space, args.model, int(args.model.split("/")[-1]))
+        check_model_options(options, env.device, precision)
+
+        # --- model, parallelism, EMA, optimizer, objective
+        model = build_model(args.model, space, dataset.num_classes, args.global_seed, env.device)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        train_model = parallelize_dit(model, options, env, precision)  # zero2 / fsdp: sharded in place
+        opt = build_optimizer(model, args.lr, env.device)
+        objective = create_diffusion(timestep_respacing="")
+        class_dropout = model.y_embedder.dropout_prob
+
+        # --- resume (weights, EMA, optimizer, counters) or start
+        ckpt_dir = None
+        if resume.load:
+            state, ema, ckpt_dir = restore(resume.load, model, opt, precision, env, shapes, resume.notes)
+            run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
+        else:
+            state, ema = TrainState(), EMA(model)
+        if env.is_main and run_dir is None:
+            run_dir, created = new_run_dir(args.outputs, args.model), True
+        run_dir = distributed.broadcast_object(run_dir, env)
+        log = RunLog(run_dir if env.is_main else None)
+        batch_plan = GlobalBatchPlan(len(dataset), global_batch, rank=env.rank, world_size=env.world_size,
+                                     seed=args.global_seed, shuffle=True, flip=dataset.flip)
+        if state.epoch_offset + global_batch > len(dataset):  # the saved position was the end of an epoch
+            state.next_epoch()
+        total_steps = min(args.max_steps or args.epochs * batch_plan.steps_per_epoch,
+                          args.epochs * batch_plan.steps_per_epoch)
+        branch, moved = record_session(env, run_dir, created, ckpt_dir, state, resume, command,
+                                       config=run_config(args, space, dataset, env.world_size, global_batch))
+        describe_run(args, env, log, model, space, dataset, batch_plan, global_batch, precision, run_dir)
+        describe_session(env, log, run_dir, ckpt_dir, state, resume, branch, moved)
+
+        evaluator = fid_evaluator(args, dataset, run_dir, env)
+        bad = BadImages(args.on_bad_image, env, log, earlier=state.bad_images)
+        progress = Progress(args, env, log, run_dir, model, opt, global_batch, total_steps, state)
+
+        def save() -> None:
+            save_checkpoint(model, ema, opt, state, precision, bad, env, args, run_dir, ckpt_dir, global_batch, log)
+
+        def ema_model():  # a fresh plain model holding the EMA weights, on rank 0 (collective)
+            ema_state = ema.state_dict(env)
+            return sampling_model(args.model, space, dataset.num_classes, options, ema_state, env) if env.is_main else None
+
+        # --- the loop: each step draws its randomness from (seed, step), takes one optimizer step (or skips a bad
+        # one on every rank), logs, checkpoints and evaluates on schedule
+        train_model.train()
+        sl = slice(env.rank * args.batch_size, (env.rank + 1) * args.batch_size)
+        vae_shape = (space.codec.latent_channels, *space.input_size) if space.latent else None
+        gen = torch.Generator(device=env.device)
+        stop.install()
+        stopped = False
+        while state.global_step < total_steps and not stopped:
+            for x, y, problems in plan_batches(dataset, batch_plan, state.epoch, state.epoch_offset, args.num_workers,
+                                               pin_memory=env.device.type == "cuda"):
+                if problems:
+                    bad.note(problems, y, state.global_step + 1)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                gen.manual_seed(step_seed(args.global_seed, state.global_step))
+                draws = draw_step_randomness(gen, objective, global_batch, sl, (space.channels, *space.input_size),
+                                             vae_shape, class_dropout, env.device)
+                if space.latent:
+                    x = space.codec.encode(x, draws.vae_eps)
+                batch = StepBatch(x, y, draws.t, draws.drop if class_dropout > 0 else None, draws.noise)
+                lr = learning_rate(state.global_step, lr=args.lr, schedule=args.lr_schedule,
+                                   warmup=args.warmup_steps, total=total_steps)
+                result = train_step(train_model, model, opt, objective, batch, lr=lr, grad_clip=args.grad_clip,
+                                    precision=precision, ema=ema, ema_decay=args.ema_decay, env=env, stop=stop,
+                                    step_number=state.global_step + 1)
+                progress.record(result, state)
+                state.advance(global_batch)
+                if state.global_step % args.log_every == 0 or state.global_step == total_steps or result.stop:
+                    progress.report(state, lr, bad.total())
+                if result.stop:
+                    stopped = True
+                    log.info(f"stop requested ({stop.name or 'a signal on another rank'}) at step {state.global_step}: "
+                             f"writing a checkpoint, then exiting")
+                    break
+                if state.global_step % args.ckpt_every == 0 and state.global_step < total_steps:
+                    save()
+                if args.eval_every and state.global_step % args.eval_every == 0:
+                    evaluate_fid(evaluator, ema_model(), space, state.global_step, dataset.num_classes, precision,
+                                 args, env, log)
+                    train_model.train()
+                if state.global_step >= total_steps:
+                    break
+            else:  # the epoch ran out
+                state.next_epoch()
+        progress.close()
+        save()
+        if stopped:
+            log.info(f"stopped cleanly at step {state.global_step}; resume with --load {run_dir} (or --load auto)")
+            return stop.exit_code
+
+        if args.final_samples > 0:
+            write_final_grid(ema_model(), space, dataset, precision, args, env, run_dir, log)
+        distributed.barrier(env)
+        return 0
+    except (UserError, AttentionBackendError) as e:
+        if created and run_dir and not ckpt.list_checkpoints(run_dir):
+            log.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(e, UserError):
+            raise
+        raise UserError(str(e)) from None
+    finally:
+        stop.restore()
+        log.close()
+
+
+# ----------------------------------------------------------------------------- setting up
+
+def validate(args) -> None:
+    if args.model not in DiT_models:
+        raise UserError(f"unknown model {args.model!r}; choose from {', '.join(DiT_models)}")
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, imagefolder, digits or latents")
+    if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
+        raise UserError(f"--outputs {args.outputs} is a file, not a directory")
+
+
+def load_data(args, global_batch: int, device, resume) -> tuple[object, Space]:
+    """The training set and the space its images become the model's input in."""
+    if args.dataset == "latents":  # precomputed: the size and VAE are the extraction's
+        dataset = LatentDataset(args.data_path)
+        if args.image_size is not None and args.image_size != dataset.image_size:
+            raise UserError(f"--image_size {args.image_size}: the latents in {args.data_path} were extracted at "
+                            f"{dataset.image_size} px")
+        image_size = dataset.image_size
+    else:
+        image_size = args.image_size or default_image_size(args.dataset)
+        dataset = build_dataset(args.dataset, args.data_path, image_size)
+    if args.num_classes is not None and args.num_classes != dataset.num_classes:
+        raise UserError(f"--num_classes {args.num_classes} contradicts the dataset, which has {dataset.num_classes} classes")
+    if len(dataset) < global_batch:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch ({global_batch})")
+    latents = dataset if args.dataset == "latents" else None
+    space = training_space(args.vae, image_size, dataset.channels, device, saved=resume.saved,
+                           run_dir=resume.run_dir, latents=latents)
+    return dataset, space
+
+
+def build_model(name: str, space: Space, num_classes: int, seed: int, device):
+    """The plain DiT of a run, initialized from ``seed`` (identical initial weights on every rank)."""
+    torch.manual_seed(seed)
+    model = DiT_models[name](input_size=space.input_size[0], in_channels=space.channels, num_classes=num_classes)
+    return model.to(device)
+
+
+def sampling_model(name: str, space: Space, num_classes: int, options: ModelOptions, state: dict, env):
+    """A plain eval-mode DiT holding ``state`` (the EMA weights), with the run's attention backend."""
+    m = DiT_models[name](input_size=space.input_size[0], in_channels=space.channels, num_classes=num_classes)
+    m = m.to(env.device).eval().set_attention_impl(options.attention)
+    m.load_state_dict(state)
+    return m
+
+
+def run_config(args, space: Space, dataset, world_size: int, global_batch: int) -> dict:
+    """config.json: the settings the run was started with (never rewritten)."""
+    return dict(vars(args), image_size=space.image_size, num_classes=dataset.num_classes, input_size=space.input_size[0],
+                in_channels=space.channels, vae_resolved=space.vae_name, world_size=world_size,
+                global_batch=global_batch, class_names=list(dataset.class_names), objective="diffusion")
+
+
+def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state: TrainState, resume, command, *,
+                   config: dict) -> tuple[str | None, list[str]]:
+    """Rank 0: config.json (a new run), a new branch when resuming from an older checkpoint than the run's newest,
+    one line in history.jsonl. Returns (the folder the abandoned branch was moved into or None, what it holds)."""
+    branch, moved = None, []
+    if env.is_main:
+        if created or not os.path.isfile(os.path.join(run_dir, ckpt.CONFIG_FILE)):
+            ckpt.write_text_atomic(os.path.join(run_dir, ckpt.CONFIG_FILE), json.dumps(config, indent=2))
+        if ckpt_dir is not None:
+            branch, moved = ckpt.start_branch(run_dir, ckpt_dir, time.strftime("%Y%m%d-%H%M%S"))
+        append_history(run_dir, {"session": "resume" if ckpt_dir else "start", "command": command,
+                                 "resumed_from": os.path.basename(ckpt_dir) if ckpt_dir else None,
+                                 "global_step": state.global_step, "world_size": env.world_size,
+                                 "changes": resume.changes,
+                                 "branch_moved_aside": os.path.basename(branch) if branch else None})
+    return branch, moved
+
+
+def describe_run(args, env, log, model, space: Space, dataset, batch_plan, global_batch: int, precision, run_dir):
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = dit_train_flops_per_image(**model_cost_config(model))
+    log.info(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image per step; "
+             f"{space.describe()}; {args.dataset}: {len(dataset)} images, {dataset.num_classes} classes; global batch "
+             f"{global_batch} ({env.world_size} x {args.batch_size}), {batch_plan.steps_per_epoch} steps/epoch; "
+             f"{args.mixed_precision} on {env.device}, plugin {args.plugin}; run dir {run_dir}")
+    if (w := precision.warning()) and env.is_main:
+        print(f"warning: {w}", file=sys.stderr)
+        log.info(f"warning: {w}")
+
+
+def describe_session(env, log, run_dir: str, ckpt_dir: str | None, state: TrainState, resume, branch, moved) -> None:
+    for note in resume.notes:
+        log.info(note)
+    if ckpt_dir:
+        log.info(f"resumed from {ckpt_dir} at epoch {state.epoch}, global step {state.global_step}")
+    if resume.changes:
+        log.info(f"settings changed on resume (recorded in {HISTORY_FILE}): {describe_changes(resume.changes)}")
+    if moved:
+        log.info(f"{os.path.basename(ckpt_dir)} is older than the run's newest checkpoint: a new branch of the run "
+                 f"starts here; moved the abandoned branch's {', '.join(moved)} aside into {branch} (kept, no "
+                 f"longer used by --load {run_dir} or --load auto)")
+    if env.is_main and (stale := ckpt.remove_stale_partials(run_dir)):
+        log.info(f"removed what an interrupted checkpoint write left behind: {', '.join(stale)}")
+
+
+# ----------------------------------------------------------------------------- during the loop
+
+class Progress:
+    """The loop's bookkeeping between log lines: averages of loss and gradient norm over the updates, speed, skipped
+    and overflowed steps, what rank 0 holds in memory; and the stop after --max_bad_steps bad steps in a row."""
+
+    def __init__(self, args, env, log, run_dir: str, model, opt, global_batch: int, total_steps: int, state: TrainState):
+        self.args, self.env, self.log, self.run_dir, self.model, self.opt = args, env, log, run_dir, model, opt
+        self.global_batch, self.total_steps = global_batch, total_steps
+        self.loss_sum = torch.zeros((), device=env.device)
+        self.norm_sum = torch.zeros((), device=env.device)
+        self.n, self.t_last, self.step_last = 0, time.perf_counter(), state.global_step
+        self.bad_in_a_row, self.overflow_steps, self.memory = 0, 0, None
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+        # the bar only on a terminal (rank 0): batch-job logs get the log lines instead
+        self.bar = tqdm(total=total_steps, initial=state.global_step, disable=None if env.is_main else True,
+                        desc="train", dynamic_ncols=True)
+
+    def record(self, result, state: TrainState) -> None:
+        """After the step ``state.global_step + 1``."""
+        step = state.global_step + 1
+        if result.skipped:
+            state.skipped_steps += 1
+            self.bad_in_a_row += 1
+            what = "loss" if result.nonfinite_loss else "gradient norm"
+            self.log.info(f"warning: step {step}: non-finite {what}; update skipped on every rank "
+                          f"({self.bad_in_a_row} in a row, {state.skipped_steps} in all)")
+            if self.args.max_bad_steps and self.bad_in_a_row >= self.args.max_bad_steps:
+                last = ckpt.list_checkpoints(self.run_dir)
+                raise TrainingFailed(
+                    f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient norm (the last: step "
+                    f"{step}); stopped without saving. Last good checkpoint: {last[-1] if last else 'none'}. Try a "
+                    f"lower --lr, --mixed_precision fp32, or --max_bad_steps 0 to keep skipping")
+        elif result.overflow:
+            self.overflow_steps += 1
+            self.bad_in_a_row = 0
+        else:
+            self.bad_in_a_row = 0
+            self.loss_sum += result.loss
+            self.norm_sum += result.grad_norm
+            self.n += 1
+            if self.memory is None:
+                self.note_memory()
+        self.bar.update(1)
+
+    def note_memory(self) -> None:
+        """What this rank holds, after the first update."""
+        params = list(self.model.parameters())
+        self.memory = {"param_bytes": distributed.tensor_bytes(params),
+                       "grad_bytes": distributed.tensor_bytes(p.grad for p in params),
+                       "optim_bytes": distributed.tensor_bytes(v for st in self.opt.state.values() for v in st.values()
+                                                               if torch.is_tensor(v))}
+        m = self.memory
+        self.log.info(f"rank 0 holds (plugin {self.args.plugin}, {self.env.world_size} process(es)): parameters "
+                      f"{m['param_bytes'] / 2**20:.1f} MiB, gradients {m['grad_bytes'] / 2**20:.1f} MiB, "
+                      f"optimizer state {m['optim_bytes'] / 2**20:.1f} MiB")
+        if self.env.is_main:
+            with open(os.path.join(self.run_dir, "memory.json"), "w") as f:
+                json.dump(dict(m, plugin=self.args.plugin, world_size=self.env.world_size), f)
+
+    def report(self, state: TrainState, lr: float, bad_images: int) -> None:
+        """A log line and a metrics row: averages since the last one. ``bad_images``: a collective count."""
+        env, step = self.env, state.global_step
+        avg_loss = distributed.all_reduce_mean(self.loss_sum / self.n, env).item() if self.n else math.nan
+        avg_norm = (self.norm_sum / self.n).item() if self.n else math.nan
+        steps_s = (step - self.step_last) / (time.perf_counter() - self.t_last)
+        values = {"loss": avg_loss, "grad_norm": avg_norm, "steps_per_s": steps_s,
+                  "images_per_s": steps_s * self.global_batch, "epoch": state.epoch, "lr": lr,
+                  "skipped_steps": state.skipped_steps, "bad_images": bad_images}
+        if self.overflow_steps:
+            values["fp16_overflow_steps"] = self.overflow_steps
+        if env.device.type == "cuda":
+            values["peak_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+        self.log.metrics(step, values)
+        self.log.info(f"step {step}/{self.total_steps} epoch {state.epoch} loss {avg_loss:.4f} grad_norm {avg_norm:.3f} "
+                      f"{steps_s:.2f} steps/s {steps_s * self.global_batch:.1f} img/s"
+                      + (f" peak {values['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in values else "")
+                      + (f" skipped {state.skipped_steps}" if state.skipped_steps else "")
+                      + (f" bad images {bad_images}" if bad_images else ""))
+        self.bar.set_postfix(loss=f"{avg_loss:.4f}", img_s=f"{steps_s * self.global_batch:.1f}")
+        self.loss_sum.zero_()
+        self.norm_sum.zero_()
+        self.n, self.t_last, self.step_last = 0, time.perf_counter(), step
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def save_checkpoint(model, ema: EMA, opt, state: TrainState, precision, bad: BadImages, env, args, run_dir: str,
+                    resumed_from: str | None, global_batch: int, log) -> None:
+    """Gather the whole model, EMA and optimizer states (collectives on every rank); rank 0 writes the checkpoint."""
+    model_state = distributed.full_model_state(model, env)
+    ema_state = ema.state_dict(env)
+    optim_state = distributed.full_optimizer_state(model, opt, env)
+    n_bad_images = bad.total()
+    if env.is_main:
+        state.grad_scaler = precision.scaler.state_dict() if precision.scaler is not None else None
+        rs = state.state_dict(global_batch=global_batch, world_size=env.world_size, global_seed=args.global_seed,
+                              bad_images=n_bad_images)
+        path, deleted = ckpt.save_checkpoint(
+            run_dir, ckpt.checkpoint_name(state.epoch, state.global_step), model_state=model_state,
+            ema_state=ema_state, optimizer_state=optim_state, running_states=rs, keep=args.ckpt_keep,
+            protect=(resumed_from,) if resumed_from else ())
+        log.info(f"saved checkpoint {path}" + (f"; deleted {', '.join(deleted)} (--ckpt_keep {args.ckpt_keep})"
+                                              if deleted else ""))
+    distributed.barrier(env)
+
+
+def fid_evaluator(args, dataset, run_dir: str, env):
+    """--eval_every: the FID of EMA samples (rank 0 samples and scores; the others wait), or None."""
+    if not args.eval_every:
+        return None
+    from ..eval.periodic import PeriodicFID
+
+    features = args.eval_features if args.eval_features != "auto" else \
+        ("digits" if args.dataset == "digits" else "inception")
+    return distributed.on_rank0(lambda: PeriodicFID(
+        features=features, inception=args.inception, reference=args.eval_reference, dataset=dataset, run_dir=run_dir,
+        num_samples=args.eval_samples, cfg_scale=args.eval_cfg_scale, seed=args.global_seed, device=env.device), env)
+
+
+def evaluate_fid(evaluator, model, space: Space, step: int, num_classes: int, precision, args, env, log) -> None:
+    """``model``: the EMA model on rank 0 (None elsewhere)."""
+    if env.is_main:
+        t0 = time.perf_counter()
+        fid = evaluator(step, model, space, num_classes=num_classes, device=env.device, precision=precision)
+        log.metrics(step, {"fid": fid})
+        log.info(f"step {step}: FID {fid:.3f} ({evaluator.name} features, {args.eval_samples} EMA samples, cfg "
+                 f"{args.eval_cfg_scale}; {time.perf_counter() - t0:.1f} s)")
+    distributed.barrier(env)
+
+
+def write_final_grid(model, space: Space, dataset, precision, args, env, run_dir: str, log) -> None:
+    """samples.png: --final_samples EMA samples per class (rank 0; ``model`` is None elsewhere)."""
+    from ..sampling.grid import write_sample_grid
+
+    if env.is_main:
+        path = os.path.join(run_dir, "samples.png")
+        write_sample_grid(path, model, space, num_classes=dataset.num_classes, class_names=dataset.class_names,
+                          per_class=args.final_samples, cfg_scale=args.final_cfg_scale, device=env.device,
+                          seed=args.global_seed, precision=precision)
+        log.info(f"wrote {args.final_samples} EMA samples per class (DPM-Solver++ 20 steps, cfg "
+                 f"{args.final_cfg_scale}) to {path}")
