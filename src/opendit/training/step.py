@@ -69,12 +69,9 @@ class HiddenCapture:
 def compute_loss(model, objective, batch: StepBatch, aux_losses=()) -> tuple[torch.Tensor, dict]:
     """The step's scalar loss: the mean of the objective's per-sample losses plus each weighted auxiliary loss."""
     kwargs = dict(y=batch.y) if batch.drop is None else dict(y=batch.y, force_drop_ids=batch.drop)
-    if not aux_losses:
-        losses = objective.training_losses(model, batch.x, t=batch.t, model_kwargs=kwargs, noise=batch.noise)
-        return losses["loss"].mean(), {}
-    capture = HiddenCapture(model, tuple(sorted({d for a in aux_losses for d in a.depths})))
-    loss = objective.training_losses(capture, batch.x, t=batch.t, model_kwargs=kwargs, noise=batch.noise)["loss"].mean()
-    aux = {}
+    capture = HiddenCapture(model, tuple(sorted({d for a in aux_losses for d in a.depths}))) if aux_losses else None
+    losses = objective.training_losses(capture or model, batch.x, t=batch.t, model_kwargs=kwargs, noise=batch.noise)
+    loss, aux = losses["loss"].mean(), {}
     for a in aux_losses:
         aux[a.name] = a.weight * a(capture.hidden, batch)
         loss = loss + aux[a.name]

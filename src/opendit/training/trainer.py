@@ -107,7 +107,8 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         # one on every rank), logs, checkpoints and evaluates on schedule
         train_model.train()
         sl = slice(env.rank * args.batch_size, (env.rank + 1) * args.batch_size)
-        vae_shape = (space.codec.latent_channels, *space.input_size) if space.latent else None
+        shape = (space.channels, *space.input_size)
+        vae_shape = shape if space.latent else None  # the posterior noise has the latents' shape
         gen = torch.Generator(device=env.device)
         stop.install()
         stopped = False
@@ -118,8 +119,8 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
                     bad.note(problems, y, state.global_step + 1)
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 gen.manual_seed(step_seed(args.global_seed, state.global_step))
-                draws = draw_step_randomness(gen, objective, global_batch, sl, (space.channels, *space.input_size),
-                                             vae_shape, class_dropout, env.device)
+                draws = draw_step_randomness(gen, objective, global_batch, sl, shape, vae_shape, class_dropout,
+                                             env.device)
                 if space.latent:
                     x = space.codec.encode(x, draws.vae_eps)
                 batch = StepBatch(x, y, draws.t, draws.drop if class_dropout > 0 else None, draws.noise)
