@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import NONNEG_FLOAT, POSITIVE_INT, SEED, ArgumentParser, int_flag
+from .errors import NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, ArgumentParser, int_flag
+from .objectives import OBJECTIVES
 from .precision import PRECISIONS
 from .program import run_main
+from .recipes import add_config_flag, parse_with_config
 from .sampling import SAMPLERS
 from .sampling.grid import sample_grid
+from .transport import DIFFUSION_FORMS, PATHS
 
 
 def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
@@ -31,8 +34,31 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     a("--use_model_weights", action="store_true", help="the raw weights of a checkpoint directory instead of its EMA")
     a("--cfg_scale", type=NONNEG_FLOAT, default=cfg_scale, help="classifier-free guidance scale (1 = none)")
     a("--guidance_channels", type=POSITIVE_INT, default=None, help="guide only the first N epsilon channels (3 = the published sampler)")
-    a("--sampler", default="ddpm", choices=SAMPLERS)
-    a("--num_sampling_steps", type=int_flag(1, 1000), default=250)
+    a("--sampler", default="auto", choices=["auto", *SAMPLERS],
+      help="auto: ddpm for a diffusion model, ode for a flow; ddpm, ddim, dpm-solver++ (diffusion); ode, sde (flow)")
+    a("--num_sampling_steps", type=int_flag(1, 1000), default=250,
+      help="diffusion: steps; flow: points of the time grid (ode euler/heun: N - 1 steps; sde: N - 1 steps + the "
+           "last step)")
+    a("--cfg_interval", type=UNIT_FLOAT, nargs=2, default=None, metavar=("LO", "HI"),
+      help="guidance only at times in [LO, HI] (0 = noise, 1 = data; a diffusion step k of 1000 is at 1 - k/1000); "
+           "elsewhere the conditional prediction alone")
+    a("--objective", default="auto", choices=["auto", *OBJECTIVES],
+      help="what the checkpoint was trained as: auto = its run's config.json, else what its weights say (a flow "
+           "never trains the variance channels), else diffusion")
+    a("--path_type", default=None, choices=list(PATHS), help="flow, bare checkpoints: the path (default Linear)")
+    a("--prediction", default=None, choices=["velocity", "noise", "score"],
+      help="flow, bare checkpoints: the model's prediction (default velocity)")
+    a("--sample_eps", type=UNIT_FLOAT, default=None, help="flow, bare checkpoints: the sampling interval's margin")
+    a("--sampling_method", default=None,
+      help="flow: ode: euler (default), heun (= heun2), or a torchdiffeq method (dopri5, rk4, ...; needs torchdiffeq);"
+           " sde: Euler (default) or Heun")
+    a("--timestep_shift", type=POSITIVE_FLOAT, default=None, help="flow: grid t -> s t / (1 + (s - 1) t) (default 1)")
+    a("--atol", type=POSITIVE_FLOAT, default=None, help="flow ode, adaptive methods (default 1e-6)")
+    a("--rtol", type=POSITIVE_FLOAT, default=None, help="flow ode, adaptive methods (default 1e-3)")
+    a("--diffusion_form", default=None, choices=list(DIFFUSION_FORMS), help="flow sde: w(t) (default sigma)")
+    a("--diffusion_norm", type=NONNEG_FLOAT, default=None, help="flow sde: scale of w(t) (default 1)")
+    a("--last_step", default=None, choices=["Mean", "Tweedie", "Euler", "none"], help="flow sde (default Mean)")
+    a("--last_step_size", type=UNIT_FLOAT, default=None, help="flow sde (default 0.04)")
     a("--clip_denoised", default="auto", choices=["auto", "yes", "no"],
       help="clamp the x0 prediction to [-1, 1]; auto: yes in pixel space, no in latent space (as published)")
     a("--vae", default="auto", help="auto (from the run or the image size), ema, mse, none, or a diffusers AutoencoderKL folder")
@@ -40,6 +66,7 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     a("--enable_flashattn", action="store_true")
     a("--seed", type=SEED, default=0)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_config_flag(p)
 
 
 def build_parser() -> ArgumentParser:
@@ -51,7 +78,9 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_main(sample_grid, build_parser().parse_args(argv))
+    parser = build_parser()
+    return run_main(lambda _: sample_grid(parse_with_config(parser, sys.argv[1:] if argv is None else list(argv),
+                                                      section="sample")[0]), None)
 
 
 if __name__ == "__main__":

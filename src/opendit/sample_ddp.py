@@ -22,6 +22,7 @@ import sys
 
 from .errors import POSITIVE_INT, ArgumentParser
 from .program import run_main
+from .recipes import parse_with_config
 from .sample import add_model_flags
 from .sampling.folder import sample_all
 
@@ -39,7 +40,9 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_main(sample_all, build_parser().parse_args(argv))
+    parser = build_parser()
+    return run_main(lambda _: sample_all(parse_with_config(parser, sys.argv[1:] if argv is None else list(argv),
+                                                      section="sample")[0]), None)
 
 
 if __name__ == "__main__":

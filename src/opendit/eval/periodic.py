@@ -10,14 +10,15 @@ import torch
 from ..atomic import atomic_path
 from ..errors import UserError
 from ..images import to_uint8
-from ..sampling.generate import generate
+from ..sampling.generate import generate, quick_sampler
 from .features import ImageSource, build_extractor, extract
 from .scores import feature_stats, fid_from, save_stats
 
 
 class PeriodicFID:
     """FID of EMA samples during training (rank 0): ``num_samples`` samples with labels i mod num_classes from fixed
-    noise (the same at every evaluation), DPM-Solver++ 20 steps, against a reference computed once (or given). The
+    noise (the same at every evaluation), 20 model evaluations (DPM-Solver++ 20 steps, or Heun for a flow), against
+    a reference computed once (or given). The
     samples are kept as ``run_dir/eval/step{S}.npz`` and the reference statistics as ``eval/reference_stats.npz``."""
 
     def __init__(self, *, features: str, inception: str | None, reference: str | None, dataset, run_dir: str,
@@ -57,7 +58,7 @@ class PeriodicFID:
         return torch.cat(feats)
 
     @torch.no_grad()
-    def __call__(self, step: int, model, space, *, num_classes: int, device, precision) -> float:
+    def __call__(self, step: int, model, space, *, num_classes: int, device, precision, objective=None) -> float:
         model.eval()
         g = torch.Generator(device=device).manual_seed(self.seed)
         labels = torch.arange(self.num_samples, device=device) % num_classes
@@ -65,8 +66,8 @@ class PeriodicFID:
         images = []
         for i in range(0, self.num_samples, self.batch_size):
             with precision.autocast():
-                out = generate(model, labels[i:i + self.batch_size], noise[i:i + self.batch_size], sampler="dpm-solver++",
-                               steps=20, cfg_scale=self.cfg_scale, clip_denoised=not space.latent)
+                out = generate(model, labels[i:i + self.batch_size], noise[i:i + self.batch_size],
+                               cfg_scale=self.cfg_scale, clip_denoised=not space.latent, **quick_sampler(objective))
             images.append(to_uint8(space.to_images(out.float())))
         arr = np.concatenate(images)
         path = os.path.join(self.dir, f"step{step:07d}.npz")

@@ -29,8 +29,9 @@ from ..errors import UserError
 from ..images import to_uint8
 from ..precision import Precision
 from ..training import checkpoint as ckpt
-from .generate import generate
-from .load import check_sampling_flags, clip_for, load_for_sampling
+from ..objectives import objective_settings
+from .generate import DEFAULT_METHOD, FLOW_OPTIONS, describe_settings, generate
+from .load import check_sampling_flags, clip_for, load_for_sampling, sampler_settings
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -69,9 +70,17 @@ SETTINGS_FORMAT = "opendit-samples-v1"
 INFORMATIONAL = ("format", "checkpoint")  # recorded, not compared: the same weights elsewhere give the same samples
 
 
-def sample_settings(args, loaded, clip: bool) -> dict:
-    """Everything that decides the images of a sample folder."""
-    return {
+def sample_settings(args, loaded, clip: bool, sampling: dict) -> dict:
+    """Everything that decides the images of a sample folder (``sampling``: generate's keyword arguments; a flow's
+    settings and a guidance interval are recorded only when they apply, so older folders still compare equal)."""
+    extra = {}
+    if sampling.get("cfg_interval") is not None:
+        extra["cfg_interval"] = list(sampling["cfg_interval"])
+    if "objective" in sampling:  # a flow
+        extra.update(objective_settings(sampling["objective"]))
+        extra.update({k: sampling.get(k, v) for k, v in FLOW_OPTIONS.items()})
+        extra["sampling_method"] = extra["sampling_method"] or DEFAULT_METHOD[sampling["sampler"]]
+    return extra | {
         "format": SETTINGS_FORMAT,
         "checkpoint": os.path.abspath(loaded.source),
         "weights_sha256": ckpt.sha256_file(loaded.source),
@@ -80,7 +89,7 @@ def sample_settings(args, loaded, clip: bool) -> dict:
         "vae": loaded.codec.name if loaded.codec is not None else None,
         "num_classes": loaded.num_classes,
         "labels": "sample i has class i mod num_classes",
-        "sampler": args.sampler,
+        "sampler": sampling["sampler"],
         "num_sampling_steps": args.num_sampling_steps,
         "cfg_scale": args.cfg_scale,
         "guidance_channels": args.guidance_channels,
@@ -175,9 +184,10 @@ def sample_all(args) -> int:
     loaded = load_for_sampling(args, env.device, precision)
     check_sampling_flags(args, loaded)
     clip = clip_for(args, loaded)
+    sampling = sampler_settings(args, loaded)
 
     def prepare() -> tuple[str, str, dict]:
-        settings = sample_settings(args, loaded, clip)
+        settings = sample_settings(args, loaded, clip, sampling)
         sample_dir = os.path.normpath(args.sample_dir) if args.sample_dir else default_sample_dir(settings)
         return sample_dir, prepare_sample_dir(sample_dir, settings, args.overwrite), settings
 
@@ -187,8 +197,8 @@ def sample_all(args) -> int:
     mine = range(env.rank, n_batches, env.world_size)
     todo = [b for b in mine if not all(os.path.exists(png_path(work, i)) for i in range(b * B, min(N, (b + 1) * B)))]
     if env.is_main:
-        print(f"{loaded.name} from {loaded.source}: {N} samples, {args.sampler} {args.num_sampling_steps} steps, "
-              f"cfg {args.cfg_scale}, {env.world_size} process(es) x batch {B} -> {sample_dir}; "
+        print(f"{loaded.name} from {loaded.source} ({loaded.objective_note}): {N} samples, "
+              f"{describe_settings(sampling)}, {env.world_size} process(es) x batch {B} -> {sample_dir}; "
               f"{len(mine) - len(todo)} of this rank's {len(mine)} batches already done")
     for b in tqdm(todo, desc="sampling", disable=not env.is_main, dynamic_ncols=True):
         idx = range(b * B, min(N, (b + 1) * B))
@@ -196,8 +206,7 @@ def sample_all(args) -> int:
         y = torch.tensor([i % loaded.num_classes for i in idx], device=env.device)
         z = torch.randn(len(idx), loaded.in_channels, *loaded.input_size, device=env.device)
         with precision.autocast():
-            x = generate(loaded.model, y, z, sampler=args.sampler, steps=args.num_sampling_steps,
-                         cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, clip_denoised=clip)
+            x = generate(loaded.model, y, z, clip_denoised=clip, **sampling)
         for i, img in zip(idx, to_uint8(loaded.space.to_images(x.float()))):
             write_png(png_path(work, i), img)
     distributed.barrier(env)

@@ -1,4 +1,5 @@
-"""Samples from noise: the DDPM, DDIM and DPM-Solver++ loops of the diffusion, with classifier-free guidance."""
+"""Samples from noise: the DDPM, DDIM and DPM-Solver++ loops of the diffusion, the ODE and SDE samplers of a flow
+(``opendit.transport``), with classifier-free guidance, optionally only inside a time interval."""
 
 from __future__ import annotations
 
@@ -7,35 +8,131 @@ import torch
 from ..diffusion import create_diffusion
 from ..errors import UserError
 from ..models import DiT
+from ..transport import Sampler, Transport
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+FLOW_SAMPLERS = ("ode", "sde")
+SAMPLERS = DIFFUSION_SAMPLERS + FLOW_SAMPLERS
+FLOW_OPTIONS = {"sampling_method": None, "timestep_shift": 1.0, "atol": 1e-6, "rtol": 1e-3, "diffusion_form": "sigma",
+                "diffusion_norm": 1.0, "last_step": "Mean", "last_step_size": 0.04}
+DEFAULT_METHOD = {"ode": "euler", "sde": "Euler"}
+
+
+def guidance_time(objective, t: torch.Tensor) -> float:
+    """The time of a model call on the common axis of ``--cfg_interval``: 0 = pure noise, 1 = data. A flow's t is
+    that already; a diffusion's timestep k (0..999, 999 the noisiest) is 1 - k / 1000."""
+    t0 = float(t.reshape(-1)[0])
+    return t0 if isinstance(objective, Transport) else 1.0 - t0 / 1000.0
+
+
+class GuidedModel:
+    """The model a sampler calls with the doubled batch [x; x] and labels [y; null]: classifier-free guidance on the
+    first ``guidance_channels`` output channels (``DiT.forward_with_cfg``) at the times inside ``interval`` (lo, hi)
+    (None: everywhere); outside it the conditional prediction alone, for both halves."""
+
+    def __init__(self, model: DiT, objective, cfg_scale: float, guidance_channels: int | None,
+                 interval: tuple[float, float] | None):
+        self.model, self.objective, self.cfg_scale = model, objective, cfg_scale
+        self.guidance_channels, self.interval = guidance_channels, interval
+
+    def guided_at(self, t: torch.Tensor) -> bool:
+        if self.interval is None:
+            return True
+        lo, hi = self.interval  # ends included, up to the float32 rounding of the time the model is called with
+        return lo - 1e-6 <= guidance_time(self.objective, t) <= hi + 1e-6
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.guided_at(t):
+            return self.model.forward_with_cfg(x, t, y, self.cfg_scale, guidance_channels=self.guidance_channels)
+        half = x[: len(x) // 2]
+        cond = self.model.forward(torch.cat([half, half], dim=0), t, y)[: len(half)]
+        return torch.cat([cond, cond], dim=0)
+
+
+def check_interval(interval) -> tuple[float, float] | None:
+    if interval is None:
+        return None
+    lo, hi = (float(v) for v in interval)
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise UserError(f"--cfg_interval {lo:g} {hi:g}: need 0 <= LO <= HI <= 1 (0 = noise, 1 = data)")
+    return lo, hi
 
 
 @torch.no_grad()
 def generate(model: DiT, labels: torch.Tensor, noise: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
-             cfg_scale: float = 4.0, guidance_channels: int | None = None, clip_denoised: bool = False,
-             progress: bool = False) -> torch.Tensor:
-    """Sample from ``noise`` (N, C, H, W) for ``labels`` (N,). Guidance doubles the batch with null labels, as published;
-    randomness beyond ``noise`` comes from the global torch RNG (the ddpm/ddim loops' per-step noise)."""
+             cfg_scale: float = 4.0, guidance_channels: int | None = None, cfg_interval=None,
+             clip_denoised: bool = False, progress: bool = False, objective=None, **flow_options) -> torch.Tensor:
+    """Sample from ``noise`` (N, C, H, W) for ``labels`` (N,). ``objective``: None or a GaussianDiffusion (the DiT
+    diffusion; samplers ddpm, ddim, dpm-solver++) or a Transport (a flow; samplers ode, sde with ``flow_options``:
+    sampling_method, timestep_shift, atol, rtol, diffusion_form, diffusion_norm, last_step, last_step_size).
+    Guidance doubles the batch with null labels, as published; randomness beyond ``noise`` comes from the global
+    torch RNG (the ddpm/ddim loops' and the SDE's per-step noise)."""
     n = len(labels)
+    flow = isinstance(objective, Transport)
+    if sampler not in (FLOW_SAMPLERS if flow else DIFFUSION_SAMPLERS):
+        kind = "a flow" if flow else "a diffusion"
+        raise UserError(f"sampler {sampler!r} does not sample {kind} model; choose from "
+                        f"{', '.join(FLOW_SAMPLERS if flow else DIFFUSION_SAMPLERS)}")
+    if unknown := set(flow_options) - set(FLOW_OPTIONS):
+        raise TypeError(f"generate: unknown options {sorted(unknown)}")
     if cfg_scale != 1.0:
         z = torch.cat([noise, noise])
-        kwargs = dict(y=torch.cat([labels, torch.full_like(labels, model.num_classes)]), cfg_scale=cfg_scale,
-                      guidance_channels=guidance_channels)
-        fn = model.forward_with_cfg
+        fn = GuidedModel(model, objective, cfg_scale, guidance_channels, check_interval(cfg_interval))
+        kwargs = dict(y=torch.cat([labels, torch.full_like(labels, model.num_classes)]))
     else:
         z, kwargs, fn = noise, dict(y=labels), model.forward
-    if sampler == "ddpm":
+    if flow:
+        out = sample_flow(objective, fn, z, kwargs, sampler, steps, {**FLOW_OPTIONS, **flow_options})
+    elif sampler == "ddpm":
         out = create_diffusion(str(steps)).p_sample_loop(fn, z.shape, noise=z, clip_denoised=clip_denoised,
                                                          model_kwargs=kwargs, progress=progress)
     elif sampler == "ddim":
         out = create_diffusion(str(steps)).ddim_sample_loop(fn, z.shape, noise=z, clip_denoised=clip_denoised,
                                                             model_kwargs=kwargs, progress=progress)
-    elif sampler == "dpm-solver++":
+    else:
         out = create_diffusion("").dpm_solver_sample_loop(fn, z.shape, noise=z, model_kwargs=kwargs, num_steps=steps,
                                                           clip_denoised=clip_denoised, progress=progress)
-    else:
-        raise UserError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     return out[:n]
 
 
+def sample_flow(transport: Transport, fn, z: torch.Tensor, kwargs: dict, sampler: str, steps: int, o: dict):
+    method = o["sampling_method"] or DEFAULT_METHOD[sampler]
+    try:  # the sampler's own checks (method names, SBDM at t = 0, torchdiffeq present) are the user's to fix
+        if sampler == "ode":
+            sample_fn = Sampler(transport).sample_ode(sampling_method=method, num_steps=steps, atol=o["atol"],
+                                                      rtol=o["rtol"], timestep_shift=o["timestep_shift"])
+        else:
+            sample_fn = Sampler(transport).sample_sde(
+                sampling_method=method, diffusion_form=o["diffusion_form"], diffusion_norm=o["diffusion_norm"],
+                last_step=o["last_step"], last_step_size=o["last_step_size"], num_steps=steps,
+                timestep_shift=o["timestep_shift"])
+    except (ValueError, ImportError) as e:
+        raise UserError(str(e)) from None
+    return sample_fn.final(z, fn, **kwargs)
+
+
+def quick_sampler(objective) -> dict:
+    """The 20-model-evaluation sampler of training-time grids and FID: DPM-Solver++ 20 steps for the diffusion; for a
+    flow, Heun on an 11-point grid (10 steps of 2 evaluations)."""
+    if isinstance(objective, Transport):
+        return dict(objective=objective, sampler="ode", steps=11, sampling_method="heun")
+    return dict(sampler="dpm-solver++", steps=20)
+
+
+def describe_sampler(sampler: str, steps: int, **flow_options) -> str:
+    if sampler == "ode":
+        return f"flow ODE {flow_options.get('sampling_method') or DEFAULT_METHOD['ode']}, {steps}-point grid"
+    if sampler == "sde":
+        return f"flow SDE {flow_options.get('sampling_method') or DEFAULT_METHOD['sde']}, {steps}-point grid"
+    return {"dpm-solver++": "DPM-Solver++", "ddpm": "DDPM", "ddim": "DDIM"}[sampler] + f" {steps} steps"
+
+
+def describe_settings(settings: dict) -> str:
+    """A sampling call's settings (``generate``'s keyword arguments) in words."""
+    flow = {k: v for k, v in settings.items() if k in FLOW_OPTIONS}
+    text = describe_sampler(settings["sampler"], settings["steps"], **flow) + f", cfg {settings['cfg_scale']:g}"
+    if settings.get("cfg_interval") is not None and settings["cfg_scale"] != 1.0:
+        text += " in [{:g}, {:g}]".format(*settings["cfg_interval"])
+    if flow.get("timestep_shift") not in (None, 1.0):
+        text += f", timestep shift {flow['timestep_shift']:g}"
+    return text

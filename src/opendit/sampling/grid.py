@@ -12,8 +12,8 @@ from ..errors import UserError
 from ..images import labelled_grid, save_image_atomic
 from ..precision import Precision
 from ..space import Space
-from .generate import generate
-from .load import check_sampling_flags, clip_for, load_for_sampling
+from .generate import describe_settings, generate, quick_sampler
+from .load import check_sampling_flags, clip_for, load_for_sampling, sampler_settings
 
 PUBLISHED_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the published sample.py's ImageNet classes
 
@@ -35,15 +35,16 @@ def parse_labels(text: str | None, num_classes: int) -> list[int]:
 
 @torch.no_grad()
 def write_sample_grid(path: str, model, space: Space, *, num_classes: int, class_names, per_class: int,
-                      cfg_scale: float, device, seed: int, precision: Precision) -> None:
-    """``per_class`` EMA samples of (up to) 10 classes, DPM-Solver++ 20 steps from noise seeded by ``seed``, one row
-    per class: the grid a training run ends with."""
+                      cfg_scale: float, device, seed: int, precision: Precision, objective=None) -> None:
+    """``per_class`` EMA samples of (up to) 10 classes, 20 model evaluations (``quick_sampler``: DPM-Solver++ 20
+    steps for the diffusion, Heun for a flow) from noise seeded by ``seed``, one row per class: the grid a training
+    run ends with."""
     classes = list(range(num_classes)) if num_classes <= 10 else list(np.linspace(0, num_classes - 1, 10).round().astype(int))
     labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn((len(labels), space.channels, *space.input_size), generator=g, device=device)
     with precision.autocast():  # the training precision (flash attention needs bf16/fp16)
-        out = generate(model, labels, z, sampler="dpm-solver++", steps=20, cfg_scale=cfg_scale)
+        out = generate(model, labels, z, cfg_scale=cfg_scale, **quick_sampler(objective))
     save_image_atomic(labelled_grid(space.to_images(out.float()), labels.tolist(), class_names), path)
 
 
@@ -57,13 +58,13 @@ def sample_grid(args) -> int:
     torch.manual_seed(args.seed)
     y = torch.tensor(labels, device=device)
     z = torch.randn(len(labels), loaded.in_channels, *loaded.input_size, device=device)
+    settings = sampler_settings(args, loaded)
     with precision.autocast():
-        x = generate(loaded.model, y, z, sampler=args.sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
-                     guidance_channels=args.guidance_channels, clip_denoised=clip_for(args, loaded), progress=True)
+        x = generate(loaded.model, y, z, clip_denoised=clip_for(args, loaded), progress=True, **settings)
     images = loaded.space.to_images(x.float())
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     save_image_atomic(labelled_grid(images, labels, loaded.class_names), args.out)
-    print(f"{loaded.name} from {loaded.source}: {len(labels)} samples, {args.sampler} {args.num_sampling_steps} steps, "
-          f"cfg {args.cfg_scale} -> {args.out}")
+    print(f"{loaded.name} from {loaded.source} ({loaded.objective_note}): {len(labels)} samples, "
+          f"{describe_settings(settings)} -> {args.out}")
     return 0

@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 
 from ..errors import UserError
 from ..models import DiT, DiT_models, config_from_state_dict, model_config
+from ..objectives import FLOW_SETTINGS, build_objective, objective_name
 from ..parallelize import ModelOptions, check_model_options
 from ..space import Space, sampling_space
 from ..training.checkpoint import load_into, load_weights
@@ -27,6 +29,8 @@ class Loaded:
     num_classes: int
     class_names: list
     source: str  # the weights file
+    objective: object = None  # the GaussianDiffusion or the Transport (flow) the model was trained with
+    objective_note: str = ""  # how the objective was decided
 
     # what the space says, by the names the sampling programs use
     codec = property(lambda self: self.space.codec)
@@ -89,15 +93,91 @@ def load_for_sampling(args, device, precision=None) -> Loaded:
                 mlp_ratio=cfg["mlp_ratio"], class_dropout_prob=0.1, num_classes=cfg["num_classes"],
                 learn_sigma=cfg["learn_sigma"])
     load_into(model, sd, f"--ckpt {source}")
+    objective, note = resolve_objective(args, run_cfg, sd, cfg, source)
     model = model.to(device).eval().set_attention_impl(options.attention)
     names = (run_cfg or {}).get("class_names") or [str(i) for i in range(cfg["num_classes"])]
-    return Loaded(model, space, name, cfg["num_classes"], names, source)
+    return Loaded(model, space, name, cfg["num_classes"], names, source, objective, note)
+
+
+def trained_kind(sd: dict, cfg: dict) -> str | None:
+    """What a learn_sigma DiT state dict was trained as, from its weights: the diffusion trains the variance half of
+    the final layer (its vb loss), a flow never touches it (it keeps its zero initialization exactly: no gradient, and
+    AdamW's decay keeps zero at zero), as in the published SiT checkpoints. None without a variance half or for an
+    untrained model."""
+    if not cfg["learn_sigma"]:
+        return None
+    c = cfg["in_channels"]
+    w, b = sd["final_layer.linear.weight"], sd["final_layer.linear.bias"]
+    if w.shape[0] % (2 * c):
+        return None
+    variance = torch.arange(w.shape[0]) % (2 * c) >= c  # rows are (p, q, channel), the channel fastest
+    if not (torch.any(w[~variance] != 0) or torch.any(b[~variance] != 0)):
+        return None  # an untrained model (the final layer starts at zero): nothing to tell
+    untouched = not torch.any(w[variance] != 0) and not torch.any(b[variance] != 0)
+    return "flow" if untouched else "diffusion"
+
+
+def resolve_objective(args, run_cfg: dict | None, sd: dict, cfg: dict, source: str):
+    """The objective to sample with: the run's (config.json), else --objective, else what the weights say; a flag
+    that contradicts the run or the weights is a one-line error (a flow sampled as a diffusion gives noise)."""
+    flag = getattr(args, "objective", "auto") or "auto"
+    weights = trained_kind(sd, cfg)
+    if run_cfg is not None:
+        kind, why = run_cfg.get("objective") or "diffusion", "the run's config.json"
+        settings = dict(run_cfg, objective=kind)
+        for key in ("path_type", "prediction"):  # what the model was trained to predict is the run's
+            ours = getattr(args, key, None)
+            if ours is not None and kind == "flow" and ours != run_cfg.get(key):
+                raise UserError(f"--{key} {ours}: {source} was trained with --{key} {run_cfg.get(key)}; drop it")
+        if getattr(args, "sample_eps", None) is not None:  # a sampling margin: ours may differ (e.g. for SBDM)
+            settings["sample_eps"] = args.sample_eps
+    else:
+        kind, why = (flag, "--objective") if flag != "auto" else (weights or "diffusion", "the weights")
+        settings = {"objective": kind, **{k: getattr(args, k, None) for k in FLOW_SETTINGS}}
+    if flag != "auto" and flag != kind:
+        raise UserError(f"--objective {flag}: {source} was trained as {kind} ({why}); drop --objective or use "
+                        f"--objective {kind}")
+    if weights is not None and weights != kind:
+        raise UserError(f"{source} looks {'flow' if weights == 'flow' else 'diffusion'}-trained (its variance "
+                        f"channels are {'untouched' if weights == 'flow' else 'trained'}), but {why} says {kind}; "
+                        f"sample it with --objective {weights}")
+    if kind != "flow" and run_cfg is None and any(getattr(args, k, None) is not None for k in FLOW_SETTINGS):
+        raise UserError(f"--path_type / --prediction / --sample_eps describe a flow; {source} is sampled as {kind}")
+    note = f"objective {kind} (from {why})"
+    return build_objective(settings), note
 
 
 def check_sampling_flags(args, loaded: Loaded) -> None:
     g = args.guidance_channels  # the parser has checked the ranges that do not depend on the checkpoint
     if g is not None and g > loaded.in_channels:
         raise UserError(f"--guidance_channels must be in 1..{loaded.in_channels}, got {g}")
+    sampler_settings(args, loaded)  # raises on flags that do not fit the objective
+
+
+def sampler_settings(args, loaded: Loaded) -> dict:
+    """The keyword arguments of ``generate`` for the sampling flags (the sampler resolved for the objective; flow
+    options only for a flow), checked against the checkpoint's objective."""
+    from .generate import DIFFUSION_SAMPLERS, FLOW_OPTIONS, FLOW_SAMPLERS, check_interval
+
+    kind = objective_name(loaded.objective)
+    sampler = args.sampler if args.sampler != "auto" else ("ode" if kind == "flow" else "ddpm")
+    allowed = FLOW_SAMPLERS if kind == "flow" else DIFFUSION_SAMPLERS
+    if sampler not in allowed:
+        raise UserError(f"--sampler {sampler}: {loaded.source} is a {kind} model ({loaded.objective_note}); its "
+                        f"samplers are {', '.join(allowed)}")
+    given_flow = [k for k in FLOW_OPTIONS if getattr(args, k, None) is not None]
+    if kind != "flow" and given_flow:
+        raise UserError(f"--{given_flow[0]} is a flow sampling option; {loaded.source} is a diffusion model")
+    if args.num_sampling_steps < 2 and kind == "flow":
+        raise UserError("--num_sampling_steps: a flow sampler's grid needs at least 2 points")
+    out = dict(sampler=sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
+               guidance_channels=args.guidance_channels, cfg_interval=check_interval(args.cfg_interval))
+    if kind == "flow":
+        out.update(objective=loaded.objective,
+                   **{k: getattr(args, k) for k in FLOW_OPTIONS if getattr(args, k, None) is not None})
+        if out.get("last_step") == "none":
+            out["last_step"] = None
+    return out
 
 
 def clip_for(args, loaded: Loaded) -> bool:

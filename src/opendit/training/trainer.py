@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import GlobalBatchPlan, build_dataset, default_image_size, plan_batches
 from ..data.latents import LatentDataset
-from ..diffusion import create_diffusion
 from ..errors import TrainingFailed, UserError
 from ..flops import dit_train_flops_per_image, model_cost_config
 from ..models import AttentionBackendError, DiT_models
+from ..objectives import FLOW_SETTINGS, build_objective, describe_objective, objective_settings
 from ..parallelize import ModelOptions, check_model_options, parallelize_dit
 from ..precision import Precision
 from ..preemption import StopRequest
@@ -52,7 +52,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
     try:
         # --- what to resume, and the settings of that run: they decide the model and the data, so they come first
         resume = plan_resume(args, given, env)
-        validate(args)
+        validate(args, given)
         precision = Precision(args.mixed_precision, env.device)
         options = ModelOptions.from_flags(args)
         global_batch = args.batch_size * env.world_size
@@ -67,7 +67,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         train_model = parallelize_dit(model, options, env, precision)  # zero2 / fsdp: sharded in place
         opt = build_optimizer(model, args.lr, env.device)
-        objective = create_diffusion(timestep_respacing="")
+        objective = build_objective(vars(args))  # the diffusion or a flow (opendit.transport)
         class_dropout = model.y_embedder.dropout_prob
 
         # --- resume (weights, EMA, optimizer, counters) or start
@@ -88,8 +88,8 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         total_steps = min(args.max_steps or args.epochs * batch_plan.steps_per_epoch,
                           args.epochs * batch_plan.steps_per_epoch)
         branch, moved = record_session(env, run_dir, created, ckpt_dir, state, resume, command,
-                                       config=run_config(args, space, dataset, env.world_size, global_batch))
-        describe_run(args, env, log, model, space, dataset, batch_plan, global_batch, precision, run_dir)
+                                       config=run_config(args, space, dataset, env.world_size, global_batch, objective))
+        describe_run(args, env, log, model, space, dataset, batch_plan, global_batch, precision, run_dir, objective)
         describe_session(env, log, run_dir, ckpt_dir, state, resume, branch, moved)
 
         evaluator = fid_evaluator(args, dataset, run_dir, env)
@@ -142,7 +142,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
                     save()
                 if args.eval_every and state.global_step % args.eval_every == 0:
                     evaluate_fid(evaluator, ema_model(), space, state.global_step, dataset.num_classes, precision,
-                                 args, env, log)
+                                 args, env, log, objective)
                     train_model.train()
                 if state.global_step >= total_steps:
                     break
@@ -155,7 +155,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
             return stop.exit_code
 
         if args.final_samples > 0:
-            write_final_grid(ema_model(), space, dataset, precision, args, env, run_dir, log)
+            write_final_grid(ema_model(), space, dataset, precision, args, env, run_dir, log, objective)
         distributed.barrier(env)
         return 0
     except (UserError, AttentionBackendError) as e:
@@ -172,13 +172,17 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
 
 # ----------------------------------------------------------------------------- setting up
 
-def validate(args) -> None:
+def validate(args, given: set[str] | None = None) -> None:
     if args.model not in DiT_models:
         raise UserError(f"unknown model {args.model!r}; choose from {', '.join(DiT_models)}")
     if args.dataset not in DATASETS:
         raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, imagefolder, digits or latents")
     if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
         raise UserError(f"--outputs {args.outputs} is a file, not a directory")
+    if getattr(args, "objective", "diffusion") != "flow" and given is not None:
+        if flow_only := [k for k in FLOW_SETTINGS if k in given]:
+            raise UserError(f"--{flow_only[0]} is a setting of the flow objective; add --objective flow (the run's "
+                            f"objective is {getattr(args, 'objective', 'diffusion')})")
 
 
 def load_data(args, global_batch: int, device, resume) -> tuple[object, Space]:
@@ -217,11 +221,11 @@ def sampling_model(name: str, space: Space, num_classes: int, options: ModelOpti
     return m
 
 
-def run_config(args, space: Space, dataset, world_size: int, global_batch: int) -> dict:
-    """config.json: the settings the run was started with (never rewritten)."""
+def run_config(args, space: Space, dataset, world_size: int, global_batch: int, objective) -> dict:
+    """config.json: the settings the run was started with (never rewritten), the objective's resolved."""
     return dict(vars(args), image_size=space.image_size, num_classes=dataset.num_classes, input_size=space.input_size[0],
                 in_channels=space.channels, vae_resolved=space.vae_name, world_size=world_size,
-                global_batch=global_batch, class_names=list(dataset.class_names), objective="diffusion")
+                global_batch=global_batch, class_names=list(dataset.class_names), **objective_settings(objective))
 
 
 def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state: TrainState, resume, command, *,
@@ -242,13 +246,15 @@ def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state
     return branch, moved
 
 
-def describe_run(args, env, log, model, space: Space, dataset, batch_plan, global_batch: int, precision, run_dir):
+def describe_run(args, env, log, model, space: Space, dataset, batch_plan, global_batch: int, precision, run_dir,
+                 objective):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = dit_train_flops_per_image(**model_cost_config(model))
     log.info(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image per step; "
              f"{space.describe()}; {args.dataset}: {len(dataset)} images, {dataset.num_classes} classes; global batch "
              f"{global_batch} ({env.world_size} x {args.batch_size}), {batch_plan.steps_per_epoch} steps/epoch; "
-             f"{args.mixed_precision} on {env.device}, plugin {args.plugin}; run dir {run_dir}")
+             f"{args.mixed_precision} on {env.device}, plugin {args.plugin}; objective {describe_objective(objective)}; "
+             f"run dir {run_dir}")
     if (w := precision.warning()) and env.is_main:
         print(f"warning: {w}", file=sys.stderr)
         log.info(f"warning: {w}")
@@ -391,25 +397,29 @@ def fid_evaluator(args, dataset, run_dir: str, env):
         num_samples=args.eval_samples, cfg_scale=args.eval_cfg_scale, seed=args.global_seed, device=env.device), env)
 
 
-def evaluate_fid(evaluator, model, space: Space, step: int, num_classes: int, precision, args, env, log) -> None:
+def evaluate_fid(evaluator, model, space: Space, step: int, num_classes: int, precision, args, env, log,
+                 objective) -> None:
     """``model``: the EMA model on rank 0 (None elsewhere)."""
     if env.is_main:
         t0 = time.perf_counter()
-        fid = evaluator(step, model, space, num_classes=num_classes, device=env.device, precision=precision)
+        fid = evaluator(step, model, space, num_classes=num_classes, device=env.device, precision=precision,
+                        objective=objective)
         log.metrics(step, {"fid": fid})
         log.info(f"step {step}: FID {fid:.3f} ({evaluator.name} features, {args.eval_samples} EMA samples, cfg "
                  f"{args.eval_cfg_scale}; {time.perf_counter() - t0:.1f} s)")
     distributed.barrier(env)
 
 
-def write_final_grid(model, space: Space, dataset, precision, args, env, run_dir: str, log) -> None:
+def write_final_grid(model, space: Space, dataset, precision, args, env, run_dir: str, log, objective) -> None:
     """samples.png: --final_samples EMA samples per class (rank 0; ``model`` is None elsewhere)."""
+    from ..sampling.generate import describe_sampler, quick_sampler
     from ..sampling.grid import write_sample_grid
 
     if env.is_main:
         path = os.path.join(run_dir, "samples.png")
         write_sample_grid(path, model, space, num_classes=dataset.num_classes, class_names=dataset.class_names,
                           per_class=args.final_samples, cfg_scale=args.final_cfg_scale, device=env.device,
-                          seed=args.global_seed, precision=precision)
-        log.info(f"wrote {args.final_samples} EMA samples per class (DPM-Solver++ 20 steps, cfg "
+                          seed=args.global_seed, precision=precision, objective=objective)
+        quick = {k: v for k, v in quick_sampler(objective).items() if k != "objective"}
+        log.info(f"wrote {args.final_samples} EMA samples per class ({describe_sampler(**quick)}, cfg "
                  f"{args.final_cfg_scale}) to {path}")

@@ -1,0 +1,243 @@
+"""Time to quality on the bundled digits (CPU): each recipe trains the same model (DiT-N/2), batch, schedule, step
+budget and seed as `make demo`; the EMA is scored every --eval_every steps as `make demo` scores it (500 samples, 20
+model evaluations per sample, guidance 1.0 and 1.5, the digits classifier's accuracy and the pixel / feature Fréchet
+distances). Writes a JSON of every point, a Markdown table (steps and training seconds to reach given quality levels)
+between markers in BENCHMARKS.md, and a plot (quality vs steps, one curve per recipe) to docs/time_to_quality.png.
+
+    python benchmarks/time_to_quality.py                       # every recipe, ~1 h on a 2-core CPU
+    python benchmarks/time_to_quality.py --recipes dit,sit     # some; rows of earlier runs in the JSON are kept
+
+A recipe is a name, a label and training flags on top of the common ones (RECIPES): later issues add rows there.
+The 20-evaluation sampler is the one training uses for its grid and FID (opendit.sampling.generate.quick_sampler):
+DPM-Solver++ 20 steps for the diffusion, Heun on an 11-point grid (10 steps of 2 evaluations) for a flow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "src"))
+
+from opendit.eval.digits import score_npz  # noqa: E402
+from opendit.training.checkpoint import list_checkpoints  # noqa: E402
+
+# the demo's budget (Makefile DEMO_ARGS), the same for every recipe
+COMMON = ["--dataset", "digits", "--model", "DiT-N/2", "--mixed_precision", "fp32", "--device", "cpu",
+          "--batch_size", "128", "--lr", "2e-3", "--lr_schedule", "cosine", "--warmup_steps", "100",
+          "--ema_decay", "0.995", "--global_seed", "0"]
+RECIPES = [  # (key, label, flags)
+    ("dit", "DiT (diffusion)", []),
+    ("sit", "SiT (flow, uniform t)", ["--objective", "flow"]),
+    ("sit-ln-cos", "SiT + logit-normal t + cosine loss",
+     ["--objective", "flow", "--time_sampling", "logit_normal", "--cosine_loss"]),
+]
+# quality levels of the table: accuracy at guidance 1.5 (higher is better), Fréchet distances at guidance 1.0 (lower)
+ACCURACY_LEVELS = (0.95, 0.98, 0.99)
+PIXEL_FD_LEVELS = (40.0, 30.0, 25.0)
+FEATURE_FD_LEVELS = (10.0, 7.0, 6.0)
+MARK_BEGIN, MARK_END = "<!-- time-to-quality:begin -->", "<!-- time-to-quality:end -->"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def train(key: str, flags: list[str], steps: int, eval_every: int, out_root: str) -> str:
+    outputs = os.path.join(out_root, key)
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "dit", "train.py"), *COMMON, *flags, "--max_steps", str(steps),
+           "--log_every", str(eval_every), "--ckpt_every", str(eval_every), "--ckpt_keep", "0", "--outputs", outputs]
+    print(" ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL)
+    runs = sorted(d for d in os.listdir(outputs) if not d.startswith("."))
+    return os.path.join(outputs, runs[-1])
+
+
+def training_seconds(run_dir: str) -> dict[int, float]:
+    """Cumulative training seconds at each logged step (from the logged steps/s; checkpoint writes included)."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rows = sorted((r for r in rows if "steps_per_s" in r), key=lambda r: r["step"])
+    out, total, last = {}, 0.0, 0
+    for r in rows:
+        total += (r["step"] - last) / r["steps_per_s"]
+        out[r["step"]] = total
+        last = r["step"]
+    return out
+
+
+def evaluate(ckpt_dir: str, cfg: float) -> dict:
+    from opendit import sample_ddp
+
+    npz_dir = os.path.join(ckpt_dir, "..", "eval", f"{os.path.basename(ckpt_dir)}-q20-cfg{cfg}")
+    objective = json.load(open(os.path.join(ckpt_dir, "..", "config.json"))).get("objective", "diffusion")
+    sampler = (["--sampler", "ode", "--sampling_method", "heun", "--num_sampling_steps", "11"] if objective == "flow"
+               else ["--sampler", "dpm-solver++", "--num_sampling_steps", "20"])
+    if not os.path.isfile(os.path.normpath(npz_dir) + ".npz"):
+        code = sample_ddp.main(["--ckpt", ckpt_dir, "--num_samples", "500", "--per_proc_batch_size", "250",
+                                "--device", "cpu", *sampler, "--cfg_scale", str(cfg), "--sample_dir", npz_dir])
+        assert code == 0, f"sampling {ckpt_dir} failed"
+    return score_npz(os.path.normpath(npz_dir) + ".npz")
+
+
+def first_reaching(points: list[dict], key: str, level: float, higher_better: bool):
+    for p in points:
+        v = p[key]
+        if (v >= level) if higher_better else (v <= level):
+            return p
+    return None
+
+
+def table(results: dict) -> str:
+    head = ["recipe", "s/step"]
+    head += [f"acc@1.5 >= {lv:.0%}" for lv in ACCURACY_LEVELS]
+    head += [f"pixel FD@1.0 <= {lv:g}" for lv in PIXEL_FD_LEVELS]
+    head += [f"feature FD@1.0 <= {lv:g}" for lv in FEATURE_FD_LEVELS]
+    head += ["final acc@1.5", "final pixel FD@1.0", "final feature FD@1.0"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, _ in RECIPES:
+        if key not in results:
+            continue
+        pts = results[key]["points"]
+        cells = [label, f"{pts[-1]['seconds'] / pts[-1]['step']:.3f}"]
+        for k, levels, hb in (("acc_cfg1.5", ACCURACY_LEVELS, True), ("pixel_fd_cfg1.0", PIXEL_FD_LEVELS, False),
+                              ("feature_fd_cfg1.0", FEATURE_FD_LEVELS, False)):
+            for lv in levels:
+                p = first_reaching(pts, k, lv, hb)
+                cells.append(f"{p['step']} ({p['seconds']:.0f} s)" if p else "not reached")
+        last = pts[-1]
+        cells += [f"{last['acc_cfg1.5']:.1%}", f"{last['pixel_fd_cfg1.0']:.2f}", f"{last['feature_fd_cfg1.0']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    """Three panels (accuracy at cfg 1.5, pixel FD and feature FD at cfg 1.0) against steps; PIL only."""
+    from PIL import Image, ImageDraw
+
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    panels = [("acc_cfg1.5", "accuracy, cfg 1.5", False), ("pixel_fd_cfg1.0", "pixel FD, cfg 1.0 (log)", True),
+              ("feature_fd_cfg1.0", "feature FD, cfg 1.0 (log)", True)]
+    W, H, pad = 360, 300, 48
+    img = Image.new("RGB", (W * len(panels), H + 60), "white")
+    d = ImageDraw.Draw(img)
+    keys = [k for k, _, _ in RECIPES if k in results]
+    max_step = max(p["step"] for k in keys for p in results[k]["points"])
+    for i, (metric, title, log) in enumerate(panels):
+        x0, y0, x1, y1 = i * W + pad, 24, (i + 1) * W - 12, H - 28
+        vals = [p[metric] for k in keys for p in results[k]["points"]]
+        f = (lambda v: float(np.log10(v))) if log else float
+        lo, hi = min(map(f, vals)), max(map(f, vals))
+        hi = hi if hi > lo else lo + 1
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text((x0, 6), title, fill="black")
+        for frac in (0, 0.5, 1):
+            v = lo + frac * (hi - lo)
+            y = y1 - frac * (y1 - y0)
+            d.text((i * W + 2, y - 6), f"{10 ** v:.3g}" if log else f"{v:.3g}", fill="black")
+            d.text((x0 + frac * (x1 - x0) - 10, y1 + 4), f"{int(frac * max_step)}", fill="black")
+        for c, k in enumerate(keys):
+            pts = [(x0 + p["step"] / max_step * (x1 - x0), y1 - (f(p[metric]) - lo) / (hi - lo) * (y1 - y0))
+                   for p in results[k]["points"]]
+            d.line(pts, fill=colors[c % len(colors)], width=2)
+            for x, y in pts:
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colors[c % len(colors)])
+    for c, k in enumerate(keys):
+        label = next(lbl for kk, lbl, _ in RECIPES if kk == k)
+        d.rectangle([10 + c * 280, H + 20, 24 + c * 280, H + 32], fill=colors[c % len(colors)])
+        d.text((30 + c * 280, H + 20), label, fill="black")
+    d.text((10, H + 42), "x: training steps (DiT-N/2, batch 128, the demo's schedule); 500 EMA samples, 20 NFE",
+           fill="black")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path)
+
+
+def write_markdown(results: dict, meta: dict, bench_md: str) -> None:
+    body = "\n".join([
+        MARK_BEGIN,
+        f"## {meta['date']} — time to quality on digits (issue 14), {meta['device']}, torch {meta['torch']}",
+        "",
+        f"`python benchmarks/time_to_quality.py` — every recipe trains DiT-N/2 on the 1,797 bundled digits with the "
+        f"demo's budget (batch 128, lr 2e-3 cosine, 100 warmup steps, EMA 0.995, seed 0, {meta['steps']} steps, fp32); "
+        f"every {meta['eval_every']} steps the EMA draws 500 samples with 20 model evaluations (diffusion: "
+        f"DPM-Solver++ 20 steps; flow: Heun, 11-point grid) at guidance 1.0 and 1.5, scored by the digits classifier. "
+        f"Cells: first evaluated step (and training seconds on this machine) at which the level holds. Plot: "
+        f"docs/time_to_quality.png; every point: benchmarks/results/time_to_quality.json.",
+        "",
+        table(results),
+        "",
+        "![time to quality](docs/time_to_quality.png)",
+        MARK_END,
+    ])
+    text = open(bench_md).read() if os.path.isfile(bench_md) else "# Benchmarks\n"
+    if MARK_BEGIN in text:
+        a, b = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
+        text = text[:a] + body + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    with open(bench_md, "w") as f:
+        f.write(text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipes", default=",".join(k for k, _, _ in RECIPES))
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--eval_every", type=int, default=250)
+    p.add_argument("--work", default=os.path.join(REPO, "outputs", "time_to_quality"))
+    p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results", "time_to_quality.json"))
+    p.add_argument("--markdown", default=os.path.join(REPO, "BENCHMARKS.md"))
+    p.add_argument("--plot", default=os.path.join(REPO, "docs", "time_to_quality.png"))
+    p.add_argument("--report_only", action="store_true", help="no training: the table and plot of the JSON")
+    args = p.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    saved = json.load(open(args.results)) if os.path.isfile(args.results) else {}
+    results = saved.get("recipes", {})
+    wanted = [] if args.report_only else args.recipes.split(",")
+    if unknown := set(wanted) - {k for k, _, _ in RECIPES}:
+        p.error(f"unknown recipes {sorted(unknown)}")
+    for key, label, flags in RECIPES:
+        if key not in wanted:
+            continue
+        run_dir = train(key, flags, args.steps, args.eval_every, args.work)
+        seconds = training_seconds(run_dir)
+        points = []
+        for ckpt_dir in list_checkpoints(run_dir):
+            step = int(ckpt_dir.rsplit("global_step", 1)[1])
+            s10, s15 = evaluate(ckpt_dir, 1.0), evaluate(ckpt_dir, 1.5)
+            points.append({"step": step, "seconds": seconds[step], "acc_cfg1.0": s10["accuracy"],
+                           "pixel_fd_cfg1.0": s10["pixel_fd"], "feature_fd_cfg1.0": s10["feature_fd"],
+                           "acc_cfg1.5": s15["accuracy"], "pixel_fd_cfg1.5": s15["pixel_fd"],
+                           "feature_fd_cfg1.5": s15["feature_fd"]})
+            print(f"{label} step {step}: acc@1.5 {s15['accuracy']:.1%} pixel FD@1.0 {s10['pixel_fd']:.2f} "
+                  f"feature FD@1.0 {s10['feature_fd']:.2f}", flush=True)
+        results[key] = {"label": label, "flags": flags, "points": points}
+    meta = saved.get("meta") if args.report_only else {
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__, "steps": args.steps,
+        "eval_every": args.eval_every, "device": f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)",
+        "common_flags": COMMON}
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results, "w") as f:
+        json.dump({"meta": meta, "recipes": results}, f, indent=1)
+    print(table(results))
+    plot(results, args.plot)
+    write_markdown(results, meta, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
