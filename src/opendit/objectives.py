@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .diffusion import create_diffusion
 from .errors import NONNEG_FLOAT, POSITIVE_FLOAT, UNIT_FLOAT, UserError, float_flag
-from .transport import PATHS, TIME_SAMPLINGS, Transport, create_transport
+from .transport import PATHS, PREDICTIONS, TIME_SAMPLINGS, Transport, create_transport
 
 OBJECTIVES = ("diffusion", "flow")
 # the flow settings a run records (config.json) and their defaults
@@ -62,7 +62,7 @@ def add_objective_flags(p) -> None:
       help="diffusion: the DiT recipe (DDPM, epsilon + learned variance); flow: flow matching on an interpolation "
            "path (SiT), time from noise (0) to data (1)")
     a("--path_type", default="Linear", choices=list(PATHS), help="flow: the interpolation path")
-    a("--prediction", default="velocity", choices=["velocity", "noise", "score"], help="flow: what the model predicts")
+    a("--prediction", default="velocity", choices=list(PREDICTIONS), help="flow: what the model predicts")
     a("--loss_weight", default=None, choices=["velocity", "likelihood"], help="flow: weighting of noise/score losses")
     a("--train_eps", type=UNIT_FLOAT, default=None, help="flow: keep training t this far from singular ends "
                                                         "(default: 0 for velocity on Linear/GVP, else 1e-3; VP 1e-5)")

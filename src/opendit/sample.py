@@ -20,7 +20,7 @@ from .program import run_main
 from .recipes import add_config_flag, parse_with_config
 from .sampling import SAMPLERS
 from .sampling.grid import sample_grid
-from .transport import DIFFUSION_FORMS, PATHS
+from .transport import DIFFUSION_FORMS, PATHS, PREDICTIONS
 
 
 def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
@@ -46,7 +46,7 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
       help="what the checkpoint was trained as: auto = its run's config.json, else what its weights say (a flow "
            "never trains the variance channels), else diffusion")
     a("--path_type", default=None, choices=list(PATHS), help="flow, bare checkpoints: the path (default Linear)")
-    a("--prediction", default=None, choices=["velocity", "noise", "score"],
+    a("--prediction", default=None, choices=list(PREDICTIONS),
       help="flow, bare checkpoints: the model's prediction (default velocity)")
     a("--sample_eps", type=UNIT_FLOAT, default=None, help="flow, bare checkpoints: the sampling interval's margin")
     a("--sampling_method", default=None,

@@ -412,7 +412,7 @@ def evaluate_fid(evaluator, model, space: Space, step: int, num_classes: int, pr
 
 def write_final_grid(model, space: Space, dataset, precision, args, env, run_dir: str, log, objective) -> None:
     """samples.png: --final_samples EMA samples per class (rank 0; ``model`` is None elsewhere)."""
-    from ..sampling.generate import describe_sampler, quick_sampler
+    from ..sampling.generate import describe_settings, quick_sampler
     from ..sampling.grid import write_sample_grid
 
     if env.is_main:
@@ -420,6 +420,5 @@ def write_final_grid(model, space: Space, dataset, precision, args, env, run_dir
         write_sample_grid(path, model, space, num_classes=dataset.num_classes, class_names=dataset.class_names,
                           per_class=args.final_samples, cfg_scale=args.final_cfg_scale, device=env.device,
                           seed=args.global_seed, precision=precision, objective=objective)
-        quick = {k: v for k, v in quick_sampler(objective).items() if k != "objective"}
-        log.info(f"wrote {args.final_samples} EMA samples per class ({describe_sampler(**quick)}, cfg "
-                 f"{args.final_cfg_scale}) to {path}")
+        sampling = dict(quick_sampler(objective), cfg_scale=args.final_cfg_scale)
+        log.info(f"wrote {args.final_samples} EMA samples per class ({describe_settings(sampling)}) to {path}")

@@ -63,8 +63,8 @@ class SampleFn:
         return x
 
 
-def _times(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A scalar time as the (N,) float32 tensor the model is called with."""
+def _times(t, x: torch.Tensor) -> torch.Tensor:
+    """A scalar time (a float, or torchdiffeq's 0-d tensor) as the (N,) float32 tensor the model is called with."""
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
 
 
@@ -92,9 +92,9 @@ class Sampler:
             return SampleFn(lambda x, model, kw: _torchdiffeq(drift, x, model, kw, grid, sampling_method, atol, rtol), True)
 
         def steps(x, model, kw):
-            g = grid.to(x.device)
+            g = grid.tolist()  # python floats: no host sync per step
             for i in range(len(g) - 1):
-                t, dt = g[i], (g[i + 1] - g[i]).item()
+                t, dt = g[i], g[i + 1] - g[i]
                 k1 = drift(x, t, model, kw)
                 if method == "euler":
                     x = x + dt * k1
@@ -136,9 +136,9 @@ class Sampler:
             return tr.velocity(model, x, tt, **kw) + w(t, x) * tr.score(model, x, tt, **kw)
 
         def steps(x, model, kw):
-            g = grid.to(x.device)
+            g = grid.tolist()
             for i in range(len(g) - 1):
-                t, dt = g[i].item(), (g[i + 1] - g[i]).item()
+                t, dt = g[i], g[i + 1] - g[i]
                 dw = torch.randn_like(x) * dt ** 0.5
                 if sampling_method == "Euler":
                     x = x + drift(x, t, model, kw) * dt + torch.sqrt(2 * w(t, x)) * dw
@@ -148,7 +148,7 @@ class Sampler:
                     k2 = drift(x + dt * k1, t + dt, model, kw)
                     x = x + 0.5 * dt * (k1 + k2)
                 yield x
-            yield self._last_step(x, float(g[-1]), model, kw, last_step, last_step_size, drift)
+            yield self._last_step(x, g[-1], model, kw, last_step, last_step_size, drift)
 
         return SampleFn(steps, include_init=False)
 

@@ -38,6 +38,7 @@ class WeightType(Enum):
 
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+PREDICTIONS = tuple(m.value for m in ModelType)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +175,7 @@ def create_transport(path_type: str = "Linear", prediction: str = "velocity", lo
     try:
         model_type = ModelType(prediction)
     except ValueError:
-        raise ValueError(f"unknown prediction {prediction!r}; choose from velocity, noise, score") from None
+        raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}") from None
     if loss_weight in ("none", "None"):
         loss_weight = None
     try:
