@@ -132,7 +132,7 @@ def test_sit_style_bare_checkpoint_samples_as_published(tmp_path, capsys):
         d = tmp_path / f"s{len(extra)}"
         assert ddp_main(["--ckpt", str(ckpt), "--vae", "none", "--num_samples", "4", "--per_proc_batch_size", "4",
                          "--device", "cpu", "--num_sampling_steps", "6", "--cfg_scale", "4.0", "--guidance_channels",
-                         "3", "--clip_denoised", "no", "--sample_dir", str(d), *extra]) == 0
+                         "3", "--sample_dir", str(d), *extra]) == 0
         assert "objective flow" in capsys.readouterr().out
     torch.manual_seed(batch_seed(0, 0))
     z = torch.randn(4, 4, 8, 8)
@@ -177,7 +177,7 @@ def diffusion_ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["flow_as_ddpm", "interval_outside", "interval_reversed", "steps_zero",
                                   "one_point_grid", "sbdm_at_noise", "unknown_method", "diffusion_as_flow",
-                                  "shift_on_diffusion", "diffusion_with_ode"])
+                                  "shift_on_diffusion", "diffusion_with_ode", "sde_option_on_ode", "clip_on_flow"])
 def test_bad_sampling_input_is_one_line_and_exit_2(case, flow_run, diffusion_ckpt, tmp_path, capsys):
     flow_ckpt = os.path.join(list_checkpoints(flow_run)[-1], "ema.pt")
     argv = {
@@ -191,6 +191,8 @@ def test_bad_sampling_input_is_one_line_and_exit_2(case, flow_run, diffusion_ckp
         "diffusion_as_flow": ["--ckpt", diffusion_ckpt, "--objective", "flow"],
         "shift_on_diffusion": ["--ckpt", diffusion_ckpt, "--timestep_shift", "0.3"],
         "diffusion_with_ode": ["--ckpt", diffusion_ckpt, "--sampler", "ode"],
+        "sde_option_on_ode": ["--ckpt", flow_ckpt, "--diffusion_form", "linear"],
+        "clip_on_flow": ["--ckpt", flow_ckpt, "--clip_denoised", "yes"],
     }[case]
     out = tmp_path / "g.png"
     if "--num_sampling_steps" not in argv:
@@ -208,6 +210,8 @@ def test_bad_sampling_input_is_one_line_and_exit_2(case, flow_run, diffusion_ckp
     (["--path_type", "Cosine"], "invalid choice"),
     (["--path_type", "GVP"], "add --objective flow"),
     (["--objective", "flow", "--prediction", "noise", "--cosine_loss"], "needs prediction velocity"),
+    (["--objective", "flow", "--loss_weight", "likelihood"], "the velocity loss has none"),
+    (["--objective", "flow", "--time_std", "2"], "add --time_sampling logit_normal"),
 ])
 def test_bad_training_input_is_one_line_and_exit_2(argv, message, tmp_path):
     r = run_train(*TINY, "--max_steps", "1", "--batch_size", "8", "--outputs", str(tmp_path), *argv)

@@ -16,6 +16,8 @@ SAMPLERS = DIFFUSION_SAMPLERS + FLOW_SAMPLERS
 FLOW_OPTIONS = {"sampling_method": None, "timestep_shift": 1.0, "atol": 1e-6, "rtol": 1e-3, "diffusion_form": "sigma",
                 "diffusion_norm": 1.0, "last_step": "Mean", "last_step_size": 0.04}
 DEFAULT_METHOD = {"ode": "euler", "sde": "Euler"}
+ODE_ONLY = ("atol", "rtol")
+SDE_ONLY = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
 
 
 def guidance_time(objective, t: torch.Tensor) -> float:

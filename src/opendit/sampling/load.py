@@ -157,7 +157,7 @@ def check_sampling_flags(args, loaded: Loaded) -> None:
 def sampler_settings(args, loaded: Loaded) -> dict:
     """The keyword arguments of ``generate`` for the sampling flags (the sampler resolved for the objective; flow
     options only for a flow), checked against the checkpoint's objective."""
-    from .generate import DIFFUSION_SAMPLERS, FLOW_OPTIONS, FLOW_SAMPLERS, check_interval
+    from .generate import DIFFUSION_SAMPLERS, FLOW_OPTIONS, FLOW_SAMPLERS, ODE_ONLY, SDE_ONLY, check_interval
 
     kind = objective_name(loaded.objective)
     sampler = args.sampler if args.sampler != "auto" else ("ode" if kind == "flow" else "ddpm")
@@ -168,6 +168,11 @@ def sampler_settings(args, loaded: Loaded) -> dict:
     given_flow = [k for k in FLOW_OPTIONS if getattr(args, k, None) is not None]
     if kind != "flow" and given_flow:
         raise UserError(f"--{given_flow[0]} is a flow sampling option; {loaded.source} is a diffusion model")
+    unused = {"ode": SDE_ONLY, "sde": ODE_ONLY}.get(sampler, ())
+    if kind == "flow" and (ignored := [k for k in given_flow if k in unused] +
+                           (["clip_denoised"] if getattr(args, "clip_denoised", "auto") != "auto" else [])):
+        raise UserError(f"--{ignored[0]} does not apply to the flow's {sampler} sampler"
+                        + (" (a flow predicts no x0 to clamp)" if ignored[0] == "clip_denoised" else ""))
     if args.num_sampling_steps < 2 and kind == "flow":
         raise UserError("--num_sampling_steps: a flow sampler's grid needs at least 2 points")
     out = dict(sampler=sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
@@ -181,4 +186,7 @@ def sampler_settings(args, loaded: Loaded) -> dict:
 
 
 def clip_for(args, loaded: Loaded) -> bool:
+    """Clamp the diffusion's x0 prediction (a flow's samplers have none: False)."""
+    if objective_name(loaded.objective) == "flow":
+        return False
     return {"yes": True, "no": False}.get(args.clip_denoised, loaded.codec is None)

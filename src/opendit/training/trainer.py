@@ -183,6 +183,9 @@ def validate(args, given: set[str] | None = None) -> None:
         if flow_only := [k for k in FLOW_SETTINGS if k in given]:
             raise UserError(f"--{flow_only[0]} is a setting of the flow objective; add --objective flow (the run's "
                             f"objective is {getattr(args, 'objective', 'diffusion')})")
+    if given is not None and getattr(args, "time_sampling", None) != "logit_normal":
+        if unused := [k for k in ("time_mean", "time_std") if k in given]:
+            raise UserError(f"--{unused[0]} sets the logit-normal t; add --time_sampling logit_normal")
 
 
 def load_data(args, global_batch: int, device, resume) -> tuple[object, Space]:

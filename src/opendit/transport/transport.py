@@ -182,6 +182,8 @@ def create_transport(path_type: str = "Linear", prediction: str = "velocity", lo
         loss_type = WeightType(loss_weight)
     except ValueError:
         raise ValueError(f"unknown loss weight {loss_weight!r}; choose from None, velocity, likelihood") from None
+    if loss_type != WeightType.NONE and model_type == ModelType.VELOCITY:
+        raise ValueError(f"loss weight {loss_weight!r} weights the noise and score losses; the velocity loss has none")
     if cosine_loss and model_type != ModelType.VELOCITY:
         raise ValueError("the cosine loss is a velocity loss term: it needs prediction velocity")
     if path_type == "VP":
