@@ -152,6 +152,19 @@ def test_trajectory_convention():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("method,calls", [("Euler", 4 + 1), ("Heun", 2 * 4 + 1)])
+def test_sde_evaluates_the_model_once_per_drift(method, calls):
+    n = {"calls": 0}
+
+    def counted(x, t, y=None):
+        n["calls"] += 1
+        return exact_velocity(x, t)
+
+    z = torch.randn(8, 1, 1, 1, dtype=torch.float64)
+    Sampler(create_transport()).sample_sde(sampling_method=method, diffusion_form="sigma", num_steps=5).final(z, counted)
+    assert n["calls"] == calls  # 4 steps (Heun: 2 drifts each) and the Mean last step; velocity and score share one
+
+
 @pytest.mark.parametrize("method", ["Euler", "Heun"])
 def test_sde_reproduces_the_data_mean_and_variance(method):
     torch.manual_seed(0)

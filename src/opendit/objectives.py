@@ -23,7 +23,7 @@ def build_objective(settings: dict):
         return create_diffusion(timestep_respacing="")
     if kind != "flow":
         raise UserError(f"unknown objective {kind!r}; choose from {', '.join(OBJECTIVES)}")
-    s = {k: settings.get(k, v) if settings.get(k) is not None else v for k, v in FLOW_SETTINGS.items()}
+    s = {k: v if settings.get(k) is None else settings[k] for k, v in FLOW_SETTINGS.items()}
     try:
         return create_transport(s["path_type"], s["prediction"], s["loss_weight"], s["train_eps"], s["sample_eps"],
                                 time_sampling=s["time_sampling"], time_mean=float(s["time_mean"]),

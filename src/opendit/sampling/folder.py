@@ -31,7 +31,7 @@ from ..precision import Precision
 from ..training import checkpoint as ckpt
 from ..objectives import objective_settings
 from .generate import DEFAULT_METHOD, FLOW_OPTIONS, describe_settings, generate
-from .load import check_sampling_flags, clip_for, load_for_sampling, sampler_settings
+from .load import check_sampling_flags, clip_for, load_for_sampling
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -182,9 +182,8 @@ def sample_all(args) -> int:
     env = distributed.init_distributed(args.device)
     precision = Precision(args.mixed_precision, env.device)
     loaded = load_for_sampling(args, env.device, precision)
-    check_sampling_flags(args, loaded)
+    sampling = check_sampling_flags(args, loaded)
     clip = clip_for(args, loaded)
-    sampling = sampler_settings(args, loaded)
 
     def prepare() -> tuple[str, str, dict]:
         settings = sample_settings(args, loaded, clip, sampling)

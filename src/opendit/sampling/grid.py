@@ -13,7 +13,7 @@ from ..images import labelled_grid, save_image_atomic
 from ..precision import Precision
 from ..space import Space
 from .generate import describe_settings, generate, quick_sampler
-from .load import check_sampling_flags, clip_for, load_for_sampling, sampler_settings
+from .load import check_sampling_flags, clip_for, load_for_sampling
 
 PUBLISHED_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the published sample.py's ImageNet classes
 
@@ -53,12 +53,11 @@ def sample_grid(args) -> int:
     device = pick_device(args.device, 0)
     precision = Precision(args.mixed_precision, device)
     loaded = load_for_sampling(args, device, precision)
-    check_sampling_flags(args, loaded)
+    settings = check_sampling_flags(args, loaded)
     labels = parse_labels(args.labels, loaded.num_classes)
     torch.manual_seed(args.seed)
     y = torch.tensor(labels, device=device)
     z = torch.randn(len(labels), loaded.in_channels, *loaded.input_size, device=device)
-    settings = sampler_settings(args, loaded)
     with precision.autocast():
         x = generate(loaded.model, y, z, clip_denoised=clip_for(args, loaded), progress=True, **settings)
     images = loaded.space.to_images(x.float())

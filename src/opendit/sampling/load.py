@@ -147,11 +147,12 @@ def resolve_objective(args, run_cfg: dict | None, sd: dict, cfg: dict, source: s
     return build_objective(settings), note
 
 
-def check_sampling_flags(args, loaded: Loaded) -> None:
+def check_sampling_flags(args, loaded: Loaded) -> dict:
+    """The sampling flags checked against the checkpoint; returns ``sampler_settings``."""
     g = args.guidance_channels  # the parser has checked the ranges that do not depend on the checkpoint
     if g is not None and g > loaded.in_channels:
         raise UserError(f"--guidance_channels must be in 1..{loaded.in_channels}, got {g}")
-    sampler_settings(args, loaded)  # raises on flags that do not fit the objective
+    return sampler_settings(args, loaded)  # raises on flags that do not fit the objective
 
 
 def sampler_settings(args, loaded: Loaded) -> dict:

@@ -131,9 +131,9 @@ class Sampler:
             return tr.path.diffusion(torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype).reshape(
                 -1, *([1] * (x.dim() - 1))), diffusion_form, diffusion_norm)
 
-        def drift(x, t, model, kw):
-            tt = _times(t, x)
-            return tr.velocity(model, x, tt, **kw) + w(t, x) * tr.score(model, x, tt, **kw)
+        def drift(x, t, model, kw):  # one model evaluation
+            v, score = tr.velocity_and_score(model, x, _times(t, x), **kw)
+            return v + w(t, x) * score
 
         def steps(x, model, kw):
             g = grid.tolist()
@@ -182,11 +182,8 @@ def _check_torchdiffeq_method(method: str) -> None:
 
 def _torchdiffeq(drift, x, model, kw, grid, method, atol, rtol):
     """A torchdiffeq method over ``grid``: yields the solution at each grid point after the first."""
-    try:
-        from torchdiffeq import odeint
-    except ImportError:
-        raise ImportError(f"ODE method {method!r} needs torchdiffeq (pip install torchdiffeq); euler and heun need "
-                          f"nothing") from None
+    from torchdiffeq import odeint  # present: sample_ode checked it (_check_torchdiffeq_method)
+
     g = grid.to(device=x.device, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
     out = odeint(lambda t, y: drift(y, t, model, kw), x, g, method=method, atol=atol, rtol=rtol)
     yield from out[1:]

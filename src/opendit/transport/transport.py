@@ -146,19 +146,30 @@ class Transport:
             t1 = 1 - eps if not sde or last_step_size == 0 else 1 - last_step_size
         return t0, t1
 
-    def score(self, model, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        out = prediction_of(model(x, t, **model_kwargs), x)
+    def _score_of(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The score from a model's prediction ``out`` at (x, t)."""
         if self.model_type == ModelType.VELOCITY:
             return self.path.score_from_velocity(out, x, t)
         if self.model_type == ModelType.NOISE:
             return out / -self.path.sigma(expand_t_like(t, x))[0]
         return out
 
+    def _velocity_of(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.model_type == ModelType.VELOCITY:
+            return out
+        return self.path.velocity_from_score(self._score_of(out, x, t), x, t)
+
+    def score(self, model, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        return self._score_of(prediction_of(model(x, t, **model_kwargs), x), x, t)
+
     def velocity(self, model, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         """The probability-flow ODE's velocity at (x, t) (the ODE drift)."""
-        if self.model_type == ModelType.VELOCITY:
-            return prediction_of(model(x, t, **model_kwargs), x)
-        return self.path.velocity_from_score(self.score(model, x, t, **model_kwargs), x, t)
+        return self._velocity_of(prediction_of(model(x, t, **model_kwargs), x), x, t)
+
+    def velocity_and_score(self, model, x: torch.Tensor, t: torch.Tensor, **model_kwargs):
+        """Both from one model evaluation (the SDE's drift needs both; the published code evaluates twice)."""
+        out = prediction_of(model(x, t, **model_kwargs), x)
+        return self._velocity_of(out, x, t), self._score_of(out, x, t)
 
 
 def create_transport(path_type: str = "Linear", prediction: str = "velocity", loss_weight: str | None = None,
