@@ -20,4 +20,7 @@ timeout 300 $PY benchmarks/train_throughput.py --model DiT-XL/2 --image_size 256
 echo "== training throughput: fast at larger batches"
 timeout 200 $PY benchmarks/train_throughput.py --model DiT-XL/2 --image_size 256 --batch_sizes 64,128 \
     --configs fast --steps 8 --warmup 2 2>&1 | tee "$OUT/train_fast.log"
+echo "== REPA's cost per step (DiT-XL/2 @256, batch 64, DINOv2-B shaped encoder, bf16)"
+timeout 120 $PY benchmarks/repa_cost.py --model DiT-XL/2 --image_size 256 --batch_size 64 --encoder dinov2-vit-b \
+    --repa_depth 8 --projector_dim 2048 --device cuda --precision bf16 --steps 10 --repeats 2 2>&1 | tee "$OUT/repa_cost.log"
 cp BENCHMARKS.md "$OUT/" 2>/dev/null || true

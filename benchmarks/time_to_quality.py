@@ -35,11 +35,17 @@ from opendit.training.checkpoint import list_checkpoints  # noqa: E402
 COMMON = ["--dataset", "digits", "--model", "DiT-N/2", "--mixed_precision", "fp32", "--device", "cpu",
           "--batch_size", "128", "--lr", "2e-3", "--lr_schedule", "cosine", "--warmup_steps", "100",
           "--ema_decay", "0.995", "--global_seed", "0"]
+# REPA on digits: the digits classifier's 4x4x64 conv features, the 16 tokens after block 2 of DiT-N/2's 4 (REPA
+# aligns about a third of the way in: block 8 of 28 for XL, 4 of 12 for B), lambda 0.5 as published, projector width
+# 512 = 4x the hidden size (the published 2048 is 1.8x XL's 1152; 2048 here would be 3.6x the DiT's own parameters)
+REPA_FLAGS = ["--repa_encoder", "digits", "--repa_depth", "2", "--repa_lambda", "0.5", "--repa_projector_dim", "512"]
 RECIPES = [  # (key, label, flags)
     ("dit", "DiT (diffusion)", []),
     ("sit", "SiT (flow, uniform t)", ["--objective", "flow"]),
     ("sit-ln-cos", "SiT + logit-normal t + cosine loss",
      ["--objective", "flow", "--time_sampling", "logit_normal", "--cosine_loss"]),
+    ("dit-repa", "DiT + REPA (digits encoder)", REPA_FLAGS),
+    ("sit-repa", "SiT + REPA (digits encoder)", ["--objective", "flow", *REPA_FLAGS]),
 ]
 # quality levels of the table: accuracy at guidance 1.5 (higher is better), Fréchet distances at guidance 1.0 (lower)
 ACCURACY_LEVELS = (0.95, 0.98, 0.99)
@@ -133,9 +139,11 @@ def plot(results: dict, path: str) -> None:
     panels = [("acc_cfg1.5", "accuracy, cfg 1.5", False), ("pixel_fd_cfg1.0", "pixel FD, cfg 1.0 (log)", True),
               ("feature_fd_cfg1.0", "feature FD, cfg 1.0 (log)", True)]
     W, H, pad = 360, 300, 48
-    img = Image.new("RGB", (W * len(panels), H + 60), "white")
-    d = ImageDraw.Draw(img)
     keys = [k for k, _, _ in RECIPES if k in results]
+    per_row = 3
+    legend_rows = (len(keys) + per_row - 1) // per_row
+    img = Image.new("RGB", (W * len(panels), H + 44 + 18 * legend_rows), "white")
+    d = ImageDraw.Draw(img)
     max_step = max(p["step"] for k in keys for p in results[k]["points"])
     for i, (metric, title, log) in enumerate(panels):
         x0, y0, x1, y1 = i * W + pad, 24, (i + 1) * W - 12, H - 28
@@ -158,9 +166,10 @@ def plot(results: dict, path: str) -> None:
                 d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colors[c % len(colors)])
     for c, k in enumerate(keys):
         label = next(lbl for kk, lbl, _ in RECIPES if kk == k)
-        d.rectangle([10 + c * 280, H + 20, 24 + c * 280, H + 32], fill=colors[c % len(colors)])
-        d.text((30 + c * 280, H + 20), label, fill="black")
-    d.text((10, H + 42), "x: training steps (DiT-N/2, batch 128, the demo's schedule); 500 EMA samples, 20 NFE",
+        x, y = 10 + (c % per_row) * 350, H + 8 + 18 * (c // per_row)
+        d.rectangle([x, y, x + 14, y + 12], fill=colors[c % len(colors)])
+        d.text((x + 20, y), label, fill="black")
+    d.text((10, H + 12 + 18 * legend_rows), "x: training steps (DiT-N/2, batch 128, the demo's schedule); 500 EMA samples, 20 NFE",
            fill="black")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img.save(path)
@@ -169,13 +178,15 @@ def plot(results: dict, path: str) -> None:
 def write_markdown(results: dict, meta: dict, bench_md: str) -> None:
     body = "\n".join([
         MARK_BEGIN,
-        f"## {meta['date']} — time to quality on digits (issue 14), {meta['device']}, torch {meta['torch']}",
+        f"## {meta['date']} — time to quality on digits (issues 14, 15), {meta['device']}, torch {meta['torch']}",
         "",
         f"`python benchmarks/time_to_quality.py` — every recipe trains DiT-N/2 on the 1,797 bundled digits with the "
         f"demo's budget (batch 128, lr 2e-3 cosine, 100 warmup steps, EMA 0.995, seed 0, {meta['steps']} steps, fp32); "
         f"every {meta['eval_every']} steps the EMA draws 500 samples with 20 model evaluations (diffusion: "
         f"DPM-Solver++ 20 steps; flow: Heun, 11-point grid) at guidance 1.0 and 1.5, scored by the digits classifier. "
-        f"Cells: first evaluated step (and training seconds on this machine) at which the level holds. Plot: "
+        f"Cells: first evaluated step (and training seconds on this machine) at which the level holds; rows trained on "
+        f"different days ({', '.join(sorted({str(r.get('date')) for r in results.values()}))}) compare "
+        f"seconds only roughly (this host's speed varies by ~5% between runs). Plot: "
         f"docs/time_to_quality.png; every point: benchmarks/results/time_to_quality.json.",
         "",
         table(results),
@@ -207,6 +218,8 @@ def main() -> int:
     torch.set_num_threads(torch.get_num_threads())
     saved = json.load(open(args.results)) if os.path.isfile(args.results) else {}
     results = saved.get("recipes", {})
+    for r in results.values():  # rows of runs before rows carried their date: the run's
+        r.setdefault("date", (saved.get("meta") or {}).get("date"))
     wanted = [] if args.report_only else args.recipes.split(",")
     if unknown := set(wanted) - {k for k, _, _ in RECIPES}:
         p.error(f"unknown recipes {sorted(unknown)}")
@@ -225,7 +238,7 @@ def main() -> int:
                            "feature_fd_cfg1.5": s15["feature_fd"]})
             print(f"{label} step {step}: acc@1.5 {s15['accuracy']:.1%} pixel FD@1.0 {s10['pixel_fd']:.2f} "
                   f"feature FD@1.0 {s10['feature_fd']:.2f}", flush=True)
-        results[key] = {"label": label, "flags": flags, "points": points}
+        results[key] = {"label": label, "flags": flags, "points": points, "date": datetime.date.today().isoformat()}
     meta = saved.get("meta") if args.report_only else {
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "steps": args.steps,
         "eval_every": args.eval_every, "device": f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)",

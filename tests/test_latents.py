@@ -102,3 +102,57 @@ def test_extraction_resumes_and_errors(setup, tmp_path):
                   "--device", "cpu", "--outputs", str(tmp_path / "o"))
     assert r.returncode == 2 and "were extracted with" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- REPA features stored with the latents
+
+REPA = ["--repa_encoder", "reference_repa:factory", "--repa_depth", "2", "--repa_projector_dim", "32"]
+
+
+@pytest.fixture(scope="module")
+def repa_feats(setup):
+    r = run([sys.executable, EXTRACT, "--dataset", "imagefolder", "--data_path", str(setup / "images"), "--image_size", "16",
+             "--vae", str(setup / "vae"), "--features_path", str(setup / "feats_repa"), "--dtype", "fp32",
+             "--shard_size", "5", "--batch_size", "3", "--num_workers", "0", "--device", "cpu",
+             "--repa_encoder", "reference_repa:factory"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return setup / "feats_repa"
+
+
+def test_stored_encoder_features_equal_a_direct_encode(setup, repa_feats):
+    from reference_repa import factory
+
+    from opendit.data import ImageFolder
+    from opendit.data.latents import LatentDataset
+
+    data = LatentDataset(str(repa_feats))
+    assert data.encoder_names == ["reference_repa:factory"] and data.encoder_dims == [8]
+    images = ImageFolder(str(setup / "images"), 16)
+    x = torch.stack([images[(i, False)][0] for i in range(12)])
+    enc = factory()
+    for flip in (False, True):
+        flips = torch.tensor([flip, not flip] * 6)
+        got = data.batch_features(torch.arange(12), flips)[0]
+        want = torch.stack([enc(xi.flip(-1)[None] if f else xi[None])[0] for xi, f in zip(x, flips.tolist())])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_repa_on_stored_features_matches_the_encoder_in_the_loop(setup, repa_feats, tmp_path):
+    common = ["--model", "DiT-N/2", "--mixed_precision", "fp32", "--device", "cpu", "--batch_size", "4",
+              "--max_steps", "6", "--log_every", "1", "--num_workers", "0", *REPA]
+    r = run_train("--dataset", "latents", "--data_path", str(repa_feats), *common, "--outputs", str(tmp_path / "lat"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "precomputed with the latents" in open(os.path.join(only_run_dir(tmp_path / "lat"), "log.txt")).read()
+    r2 = run_train("--dataset", "imagefolder", "--data_path", str(setup / "images"), "--image_size", "16",
+                   "--vae", str(setup / "vae"), *common, "--outputs", str(tmp_path / "img"))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    lat, img = read_metrics(only_run_dir(tmp_path / "lat")), read_metrics(only_run_dir(tmp_path / "img"))
+    assert sorted(lat) == list(range(1, 7))  # two epochs: both flips of the stored features are used
+    for s in lat:  # fp32 features stored, the same posteriors and draws: equal as in the test above, up to the
+        # encoder's rounding (extraction and training run its convolution on batches of 3 and 4); the alignment loss is
+        # a mean of cosines in [-1, 1] (here near 0), so its tolerance is absolute: 1e-6, ~10 fp32 ulps of a cosine
+        assert lat[s]["loss"] == pytest.approx(img[s]["loss"], rel=1e-6), s
+        assert lat[s]["repa_loss"] == pytest.approx(img[s]["repa_loss"], abs=1e-6), s
+    # latents without the encoder's features: one line
+    bad = run_train("--dataset", "latents", "--data_path", str(setup / "feats"), *common, "--outputs", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "hold features of no encoder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -7,7 +7,8 @@
 The data set is cut into shards of --shard_size images; shard k is encoded by rank k mod world_size and written
 atomically, so an interrupted extraction resumes where it stopped (finished shards are skipped) and any number of
 processes can share the work. Each image is encoded unflipped and flipped; mean and std of both posteriors are stored
-(see opendit/data/latents.py). Rank 0 writes index.json when every shard exists.
+(see opendit/data/latents.py), and with --repa_encoder the encoder features of both (REPA then runs no encoder
+in training). Rank 0 writes index.json when every shard exists.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def build_parser() -> ArgumentParser:
                    help="storage precision (fp16: 2 x 2 x 4 x 32 x 32 x 2 bytes = 32 KiB per 256 px image)")
     p.add_argument("--num_workers", type=NONNEG_INT, default=4)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--repa_encoder", default=None,
+                   help="also store this encoder's patch features of each image and its flip (REPA; the names of "
+                        "train.py --repa_encoder, comma-separated), so REPA training on these latents runs no encoder")
+    p.add_argument("--repa_encoder_weights", default=None, help="the encoder's weights file(s), as for train.py")
     return p
 
 

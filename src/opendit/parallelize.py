@@ -150,13 +150,18 @@ def fsdp_precision_policies(dtype: torch.dtype | None, reduce_dtype: str = "fp32
 
 def shard_model(model: torch.nn.Module, mesh, plugin: str, dtype: torch.dtype | None = None,
                 reduce_dtype: str = "fp32") -> torch.nn.Module:
-    """FSDP2 ``fully_shard`` of each block, then of the root (zero2: weights kept gathered until backward)."""
+    """FSDP2 ``fully_shard`` of each block (and REPA projector), then of the root (zero2: weights kept gathered until
+    backward)."""
     from torch.distributed.fsdp import fully_shard
 
     blocks_mp, root_mp = fsdp_precision_policies(dtype, reduce_dtype)
     reshard = plugin == "fsdp"
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=blocks_mp)
+    # REPA's projectors (opendit.alignment) run after the model's forward has returned, when the root's weights may be
+    # resharded already (fsdp): each is its own unit, gathered by its own forward
+    for projector in getattr(model, "projectors", ()):
+        fully_shard(projector, mesh=mesh, reshard_after_forward=reshard, mp_policy=root_mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=root_mp)
     return model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from .alignment import add_alignment_flags
 from .errors import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, ArgumentParser, int_flag
 from .objectives import add_objective_flags
 from .parallelize import PLUGINS
@@ -86,6 +87,7 @@ def build_parser() -> ArgumentParser:
       help="an .npz (images or mu/sigma statistics) or an image folder; default: 10,000 training images")
     a("--inception", default=None, help="the FID Inception weights file (default: the torch hub cache)")
     add_objective_flags(p)
+    add_alignment_flags(p)
     add_config_flag(p)
     return p
 

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..preemption import ignore_in_worker
 from ..vae import VAE_NAMES, load_vae
 from .datasets import ImageFolder, build_dataset
-from .latents import FORMAT, INDEX, PARTS, shard_paths
+from .latents import FORMAT, INDEX, PARTS, feature_parts, shard_paths
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
@@ -40,14 +40,22 @@ def source_batches(dataset, lo: int, hi: int, batch_size: int, num_workers: int)
 
 
 def write_shard(root: str, name: str, arrays: dict) -> None:
-    files = shard_paths(root, name)
-    for part in PARTS:  # "index" last: a shard counts as done when all four files exist
+    parts = tuple(p for p in arrays if p != "index") + ("index",)
+    files = shard_paths(root, name, parts)
+    for part in parts:  # "index" last: a shard counts as done when all its files exist
         with atomic_path(files[part]) as tmp:
             np.save(tmp, arrays[part])
 
 
-def shard_done(root: str, name: str) -> bool:
-    return all(os.path.isfile(f) for f in shard_paths(root, name).values())
+def shard_done(root: str, name: str, num_encoders: int = 0) -> bool:
+    return all(os.path.isfile(f) for f in shard_paths(root, name, PARTS + feature_parts(num_encoders)).values())
+
+
+def encoder_index(root: str, first_shard: str, encoder_names: list[str]) -> list[dict]:
+    """index.json's record of the stored encoder features: name, tokens and width (read from the first shard)."""
+    files = shard_paths(root, first_shard, feature_parts(len(encoder_names)))
+    shapes = [np.load(f, mmap_mode="r").shape for f in files.values()]
+    return [{"name": nm, "tokens": int(sh[2]), "dim": int(sh[3])} for nm, sh in zip(encoder_names, shapes)]
 
 
 def extract(args) -> int:
@@ -58,6 +66,10 @@ def extract(args) -> int:
         raise UserError(f"the VAE encodes RGB images; {args.dataset} has {dataset.channels} channel(s)")
     vae_name = VAE_NAMES.get(args.vae, args.vae)
     codec = load_vae(vae_name, env.device)
+    from ..alignment import build_encoders, encode, parse_specs
+
+    encoder_names = parse_specs(args.repa_encoder)
+    encoders = build_encoders(args.repa_encoder, args.repa_encoder_weights, env.device)
     if args.image_size % codec.downsample:
         raise UserError(f"--image_size {args.image_size} is not divisible by the VAE's downsampling {codec.downsample}")
     try:
@@ -67,13 +79,14 @@ def extract(args) -> int:
     n = len(dataset)
     num_shards = math.ceil(n / args.shard_size)
     names = [f"shard-{k:06d}" for k in range(num_shards)]
-    mine = [k for k in range(env.rank, num_shards, env.world_size) if not shard_done(args.features_path, names[k])]
+    mine = [k for k in range(env.rank, num_shards, env.world_size)
+            if not shard_done(args.features_path, names[k], len(encoders))]
     skipped_bad = 0
     bar = tqdm(total=sum(min(args.shard_size, n - k * args.shard_size) for k in mine), disable=None if env.is_main else True,
                desc=f"encode (rank {env.rank})", unit="img")
     for k in mine:
         lo, hi = k * args.shard_size, min(n, (k + 1) * args.shard_size)
-        means, stds, labels = [], [], []
+        means, stds, labels, feats = [], [], [], [[] for _ in encoders]
         for x, y, problems in source_batches(dataset, lo, hi, args.batch_size, args.num_workers):
             for line in problems:
                 skipped_bad += 1
@@ -87,24 +100,30 @@ def extract(args) -> int:
             means.append(torch.stack([m0, m1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
             stds.append(torch.stack([s0, s1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
             labels.append(y.numpy().astype(np.int64))
+            for e, (z0, z1) in enumerate(zip(encode(encoders, x), encode(encoders, x.flip(-1)))):
+                feats[e].append(torch.stack([z0, z1], 1).cpu().numpy().astype(DTYPES[args.dtype]))
             bar.update(len(y))
-        write_shard(args.features_path, names[k], {"mean": np.concatenate(means), "std": np.concatenate(stds),
-                                                   "label": np.concatenate(labels), "index": np.arange(lo, hi)})
+        arrays = {"mean": np.concatenate(means), "std": np.concatenate(stds), "label": np.concatenate(labels)}
+        arrays.update({part: np.concatenate(f) for part, f in zip(feature_parts(len(encoders)), feats)})
+        write_shard(args.features_path, names[k], dict(arrays, index=np.arange(lo, hi)))
     bar.close()
     distributed.barrier(env)
     if env.is_main:
-        missing = [nm for nm in names if not shard_done(args.features_path, nm)]
+        missing = [nm for nm in names if not shard_done(args.features_path, nm, len(encoders))]
         if missing:
             raise UserError(f"{len(missing)} shards are missing in {args.features_path} (e.g. {missing[0]}); run again")
         side = args.image_size // codec.downsample
         index = {"format": FORMAT, "vae": vae_name, "scaling_factor": codec.scale, "image_size": args.image_size,
                  "latent_shape": [codec.latent_channels, side, side], "dtype": args.dtype, "source": args.dataset,
                  "data_path": os.path.abspath(args.data_path), "num_images": n,
-                 "class_names": list(dataset.class_names),
+                 "class_names": list(dataset.class_names), "encoders": encoder_index(args.features_path, names[0],
+                                                                                     encoder_names),
                  "shards": [{"name": nm, "count": min(args.shard_size, n - i * args.shard_size)} for i, nm in enumerate(names)]}
         write_text_atomic(os.path.join(args.features_path, INDEX), json.dumps(index, indent=1))
         print(f"wrote {n} images x 2 (unflipped, flipped) as {args.dtype} posteriors "
-              f"{codec.latent_channels}x{side}x{side} in {num_shards} shard(s) to {args.features_path}")
+              f"{codec.latent_channels}x{side}x{side}"
+              + "".join(f", {e['name']} features {e['tokens']}x{e['dim']}" for e in index["encoders"])
+              + f" in {num_shards} shard(s) to {args.features_path}")
     if skipped_bad:
         print(f"warning: rank {env.rank} met {skipped_bad} unreadable image(s)", file=sys.stderr)
     distributed.barrier(env)

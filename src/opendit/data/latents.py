@@ -8,6 +8,8 @@ says, so an epoch over latents is statistically the same as an epoch over images
     DIR/index.json                         format, VAE, scaling factor, image size, latent shape, classes, shards
     DIR/<shard>.mean.npy, <shard>.std.npy  (n, 2, C, h, w) float16/float32: [unflipped, flipped]
     DIR/<shard>.label.npy, <shard>.index.npy   (n,) int64: class, position in the source data set
+    DIR/<shard>.repa-<k>.npy               optional (n, 2, T, d): encoder k's features of the image and of its flip
+                                           (``extract_features.py --repa_encoder``; REPA then runs no encoder)
 
 Shards are memory-mapped (several processes on a node share the page cache) and ordered by source position, so the data
 set does not depend on how many processes extracted it.
@@ -28,8 +30,12 @@ INDEX = "index.json"
 PARTS = ("mean", "std", "label", "index")
 
 
-def shard_paths(root: str, shard: str) -> dict[str, str]:
-    return {p: os.path.join(root, f"{shard}.{p}.npy") for p in PARTS}
+def feature_parts(num_encoders: int) -> tuple[str, ...]:
+    return tuple(f"repa-{k}" for k in range(num_encoders))
+
+
+def shard_paths(root: str, shard: str, parts: tuple[str, ...] = PARTS) -> dict[str, str]:
+    return {p: os.path.join(root, f"{shard}.{p}.npy") for p in parts}
 
 
 class LatentDataset:
@@ -47,21 +53,28 @@ class LatentDataset:
             raise UserError(f"{path} is unreadable ({e})") from None
         if self.meta.get("format") != FORMAT:
             raise UserError(f"{path}: not an opendit latents index (format {self.meta.get('format')!r})")
-        means, stds, labels, order = [], [], [], []
+        encoders = self.meta.get("encoders") or []
+        extra = feature_parts(len(encoders))
+        means, stds, labels, order, feats = [], [], [], [], []
         for shard in self.meta["shards"]:
-            files = shard_paths(root, shard["name"])
+            files = shard_paths(root, shard["name"], PARTS + extra)
             try:
-                arrays = {p: np.load(files[p], mmap_mode="r") for p in PARTS}
+                arrays = {p: np.load(files[p], mmap_mode="r") for p in PARTS + extra}
             except (OSError, ValueError) as e:
                 raise UserError(f"latents shard {shard['name']} in {root} is missing or unreadable ({e})") from None
             n = shard["count"]
             if any(len(a) != n for a in arrays.values()) or arrays["mean"].shape != arrays["std"].shape:
                 raise UserError(f"latents shard {shard['name']} in {root} is truncated (index.json says {n} items)")
-            means.append(arrays["mean"]); stds.append(arrays["std"])
+            if any(arrays[p].shape[1:] != (2, e["tokens"], e["dim"]) for p, e in zip(extra, encoders)):
+                raise UserError(f"latents shard {shard['name']} in {root}: encoder features of the wrong shape")
+            means.append(arrays["mean"]); stds.append(arrays["std"]); feats.append([arrays[p] for p in extra])
             labels.append(np.asarray(arrays["label"])); order.append(np.asarray(arrays["index"]))
         if not means:
             raise UserError(f"{path} lists no shards")
-        self._means, self._stds = means, stds
+        self._means, self._stds, self._features = means, stds, feats
+        # REPA: the encoders whose features are stored (None: none), and their widths
+        self.encoder_names = [e["name"] for e in encoders] or None
+        self.encoder_dims = [int(e["dim"]) for e in encoders]
         src = np.concatenate(order)
         # item i of the data set = (shard, row) of the i-th smallest source position
         shard_of = np.concatenate([np.full(len(o), k) for k, o in enumerate(order)])
@@ -94,6 +107,19 @@ class LatentDataset:
             x[sel, :c] = self._means[k][row[sel], side[sel]]
             x[sel, c:] = self._stds[k][row[sel], side[sel]]
         return torch.from_numpy(x), self.labels[indices]
+
+    def batch_features(self, indices: torch.Tensor, flips: torch.Tensor) -> list[torch.Tensor]:
+        """The stored encoder features of ``batch``'s images (flipped where it flips): one (B, T, d) float32 each."""
+        idx = indices.numpy()
+        shard, row, side = self._shard[idx], self._row[idx], flips.numpy().astype(np.int64)
+        out = []
+        for k, e in enumerate(self.meta["encoders"]):
+            z = np.empty((len(idx), e["tokens"], e["dim"]), dtype=np.float32)
+            for s in np.unique(shard):
+                sel = shard == s
+                z[sel] = self._features[s][k][row[sel], side[sel]]
+            out.append(torch.from_numpy(z))
+        return out
 
 
 class PrecomputedLatents:

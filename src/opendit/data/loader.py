@@ -13,13 +13,15 @@ from .sampler import GlobalBatchPlan
 
 
 def plan_batches(dataset, plan: GlobalBatchPlan, epoch: int, offset: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Yield (images (B, C, S, S) float32 in [-1, 1], labels (B,), problems) for the rest of ``epoch``; ``problems``
-    lists the unreadable files met in this batch ("path: reason"; each was replaced by the next readable image, and a
-    label of -1 marks a slot where none was found)."""
+                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list | None]]:
+    """Yield (images (B, C, S, S) float32 in [-1, 1], labels (B,), problems, features) for the rest of ``epoch``;
+    ``problems`` lists the unreadable files met in this batch ("path: reason"; each was replaced by the next readable
+    image, and a label of -1 marks a slot where none was found); ``features``: encoder features stored with
+    precomputed latents (a list, one (B, T, d) tensor per encoder), else None."""
     if isinstance(dataset, InMemoryImages) or hasattr(dataset, "batch"):  # in memory or memory-mapped latents
+        stored = getattr(dataset, "encoder_names", None)
         for idx, flips in plan.epoch_batches(epoch, offset):
-            yield (*dataset.batch(idx, flips), [])
+            yield (*dataset.batch(idx, flips), [], dataset.batch_features(idx, flips) if stored else None)
         return
     batches = [list(zip(idx.tolist(), flips.tolist())) for idx, flips in plan.epoch_batches(epoch, offset)]
     if not batches:
@@ -30,4 +32,4 @@ def plan_batches(dataset, plan: GlobalBatchPlan, epoch: int, offset: int = 0, nu
         worker_init_fn=ignore_in_worker if num_workers > 0 else None,
     )
     for x, y, problems in loader:
-        yield x, y.long(), [line for p in problems if p for line in p.split("\n")]
+        yield x, y.long(), [line for p in problems if p for line in p.split("\n")], None

@@ -33,11 +33,14 @@ class DigitsCNN(nn.Module):
         self.fc1 = nn.Linear(64 * 4 * 4, 128)
         self.fc2 = nn.Linear(128, 10)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, 8, 8) on the 0..16 scale -> (N, 64, 4, 4): the convolutional features (REPA's ``digits`` encoder)."""
+        x = F.relu(self.conv1(x / 16.0))
+        return F.max_pool2d(F.relu(self.conv2(x)), 2)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 8, 8) on the 0..16 scale -> (N, 128)."""
-        x = F.relu(self.conv1(x / 16.0))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return F.relu(self.fc1(x.flatten(1)))
+        return F.relu(self.fc1(self.feature_map(x).flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.features(x))

@@ -5,7 +5,6 @@ files) and the extractors (``inception``: the FID network; ``digits``: the proje
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import IMAGE_EXTENSIONS
 from ..errors import UserError
+from ..hub import import_factory
 
 
 class ImageSource:
@@ -145,12 +145,7 @@ def build_extractor(spec: str, inception: str | None, device):
     if spec == "digits":
         return DigitsExtractor(device)
     if ":" in spec:
-        module, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise UserError(f"--features {spec}: cannot import it ({e})") from None
-        ext = factory()
+        ext = import_factory(spec, "--features")()
         if not callable(ext) or not isinstance(getattr(ext, "num_features", None), int):
             raise UserError(f"--features {spec}: the factory must return a callable with an integer num_features")
         return ext

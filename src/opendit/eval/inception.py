@@ -12,13 +12,13 @@ eps 1e-3, and TensorFlow-1 preprocessing (bilinear resize to 299 without half-pi
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..hub import weights_file
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
@@ -190,28 +190,10 @@ class FIDInceptionV3(nn.Module):
         return pool, pool @ self.fc.weight.t()
 
 
-def default_weights_path() -> str:
-    return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
-
-
 def fetch_weights(path: str | None) -> str:
     """``path`` when given; else the torch hub cache, downloading into it when online (hash-checked)."""
-    if path:
-        if not os.path.isfile(path):
-            raise UserError(f"--inception {path}: no such file")
-        return path
-    cached = default_weights_path()
-    if os.path.isfile(cached):
-        return cached
-    hint = f"download {WEIGHTS_URL} and pass --inception PATH (or put it at {cached})"
-    if os.environ.get("OPENDIT_OFFLINE"):
-        raise UserError(f"the FID Inception weights are not in {cached} and OPENDIT_OFFLINE is set; {hint}")
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    try:  # torch.hub writes a temporary file, checks its SHA-256 prefix, and only then moves it into place
-        torch.hub.download_url_to_file(WEIGHTS_URL, cached, hash_prefix=WEIGHTS_SHA256_PREFIX, progress=True)
-    except Exception as e:  # no network, HTTP error, a wrong hash
-        raise UserError(f"cannot download the FID Inception weights ({str(e).splitlines()[0][:120]}); {hint}") from None
-    return cached
+    return weights_file(path, WEIGHTS_NAME, WEIGHTS_URL, flag="--inception", what="FID Inception",
+                        hash_prefix=WEIGHTS_SHA256_PREFIX)
 
 
 def load_fid_inception(path: str | None = None, device="cpu") -> FIDInceptionV3:

@@ -3,6 +3,8 @@
     <run>/epoch{E}-global_step{G}/
         model/model.safetensors    the trained weights (fp32, official key names)
         ema.pt                     the EMA weights: a plain fp32 state dict, torch.load(..., weights_only=True)
+        projector/projector.safetensors   REPA runs only: the trained projectors (``projectors.*``), kept out of
+                                   model/ and ema.pt so that both keep the published DiT layout
         optimizer/optimizer.pt     the optimizer state, unsharded and keyed by parameter name (any plugin or world
                                    size resumes from it; tensors and numbers only)
         running_states.json        epoch, step in epoch, global step, data position, seeds, scaler state
@@ -39,6 +41,7 @@ CKPT_RE = re.compile(r"^epoch(\d+)-global_step(\d+)$")
 MODEL_FILE = os.path.join("model", "model.safetensors")
 EMA_FILE = "ema.pt"
 OPTIM_FILE = os.path.join("optimizer", "optimizer.pt")
+PROJECTOR_FILE = os.path.join("projector", "projector.safetensors")
 STATE_FILE = "running_states.json"
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -192,8 +195,10 @@ def remove_stale_partials(run_dir: str) -> list[str]:
 
 
 def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: dict, optimizer_state: dict,
-                    running_states: dict, keep: int = 0, protect: tuple[str, ...] = ()) -> tuple[str, list[str]]:
-    """Write a complete checkpoint (called on one rank); returns (its path, the names retention deleted). ``keep`` > 0
+                    running_states: dict, keep: int = 0, protect: tuple[str, ...] = (),
+                    projector_state: dict | None = None) -> tuple[str, list[str]]:
+    """Write a complete checkpoint (called on one rank); returns (its path, the names retention deleted).
+    ``projector_state``: REPA's projectors (written only when there are some). ``keep`` > 0
     deletes all but the newest ``keep`` checkpoints of the run's current branch, never the one just written nor those
     named in ``protect`` (e.g. the checkpoint this session resumed from)."""
     remove_stale_partials(run_dir)
@@ -208,11 +213,17 @@ def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: di
             faults.maybe_kill_in_save(int(m.group(2)))
         torch.save({k: v.detach().float().cpu() for k, v in ema_state.items()}, os.path.join(tmp, EMA_FILE))
         torch.save(optimizer_state, os.path.join(tmp, OPTIM_FILE))
+        if projector_state:
+            os.makedirs(os.path.join(tmp, "projector"))
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in projector_state.items()},
+                      os.path.join(tmp, PROJECTOR_FILE))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(running_states, f, indent=2)
         write_manifest(tmp)
         for d in (tmp, os.path.join(tmp, "model"), os.path.join(tmp, "optimizer")):
             fsync_path(d)
+        if projector_state:
+            fsync_path(os.path.join(tmp, "projector"))
     write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
     fsync_path(run_dir)
     deleted = []
@@ -278,8 +289,9 @@ def _torch_load_safe(path: str):
 
 
 def load_checkpoint(ckpt_dir: str) -> dict:
-    """{"model", "ema", "optimizer", "running_states"} of a checkpoint directory, on the CPU, after checking its
-    manifest. Integrity problems raise CorruptCheckpoint, a pickle carrying code a plain UserError."""
+    """{"model", "ema", "optimizer", "running_states", "projector"} of a checkpoint directory, on the CPU, after
+    checking its manifest ("projector": {} without one). Integrity problems raise CorruptCheckpoint, a pickle carrying
+    code a plain UserError."""
     verify_manifest(ckpt_dir)
     try:
         model = load_file(os.path.join(ckpt_dir, MODEL_FILE))
@@ -295,8 +307,15 @@ def load_checkpoint(ckpt_dir: str) -> dict:
     for key in ("epoch", "global_step", "epoch_offset"):
         if not isinstance(states.get(key), int):
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir}: {STATE_FILE} has no integer {key!r}")
+    projector = {}
+    if os.path.isfile(os.path.join(ckpt_dir, PROJECTOR_FILE)):
+        try:
+            projector = load_file(os.path.join(ckpt_dir, PROJECTOR_FILE))
+        except Exception as e:
+            raise CorruptCheckpoint(f"checkpoint {ckpt_dir}: {PROJECTOR_FILE} is corrupt or truncated ({e})") from None
     return {
         "model": model,
+        "projector": projector,
         "ema": _torch_load_safe(os.path.join(ckpt_dir, EMA_FILE)),
         "optimizer": _torch_load_safe(os.path.join(ckpt_dir, OPTIM_FILE)),
         "running_states": states,

@@ -10,12 +10,16 @@ import torch
 
 from ..distributed import DistEnv, full_model_state, local
 
+# training-only parts of a trained model that are not part of the sampled model: not averaged, not in the EMA state
+# (REPA's projectors)
+NOT_AVERAGED = ("projectors.",)
+
 
 class EMA:
     def __init__(self, module: torch.nn.Module):
         """Track the trainable parameters of ``module`` (the unwrapped, possibly sharded model the optimizer updates),
         starting from their current values."""
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and not n.startswith(NOT_AVERAGED)]
         self.module = module
         self.names = [n for n, _ in named]
         self._src = [p for _, p in named]
@@ -29,10 +33,11 @@ class EMA:
         torch._foreach_lerp_(self._shadow_local, self._src_local, 1.0 - decay)
 
     def state_dict(self, env: DistEnv | None = None) -> dict:
-        """The whole EMA model as a plain fp32 state dict (the frozen entries, e.g. pos_embed, from the model), on rank 0
+        """The whole EMA model as a plain fp32 state dict (the frozen entries, e.g. pos_embed, from the model; without
+        the NOT_AVERAGED parts), on rank 0
         ({} elsewhere). Every rank must call it."""
         env = env or DistEnv()
-        sd = full_model_state(self.module, env)
+        sd = {k: v for k, v in full_model_state(self.module, env).items() if not k.startswith(NOT_AVERAGED)}
         for name, t in zip(self.names, self.shadow):
             full = t.full_tensor() if hasattr(t, "full_tensor") else t
             if env.is_main:

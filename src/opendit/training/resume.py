@@ -12,7 +12,7 @@ from .. import distributed
 from ..distributed import DistEnv
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .ema import EMA
+from .ema import EMA, NOT_AVERAGED
 from .run_settings import apply_run_settings, saved_settings
 from .state import TrainState
 
@@ -46,8 +46,11 @@ def _read_checkpoint(load: str, shapes: dict, notes: list) -> dict:
     """Rank 0: the newest intact checkpoint of ``load``, checked against the model's shapes."""
     ckpt_dir, state, skipped = ckpt.find_resumable(load)
     notes.extend(f"warning: {w}; resuming from an older checkpoint" for w in skipped)
+    state["model"] = {**state["model"], **state.pop("projector")}  # REPA's projectors are kept in their own file
     ckpt.check_fits(shapes, state["model"], f"checkpoint {ckpt_dir} (model)")
-    ckpt.check_fits(shapes, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")
+    averaged = {k: v for k, v in shapes.items() if not k.startswith(NOT_AVERAGED)}
+    ckpt.check_fits(averaged, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")
+    state["ema"] = {**state["model"], **state["ema"]}  # what EMA(model) starts from (it skips the projectors)
     state["running_states"]["dir"] = ckpt_dir
     return state
 

@@ -8,7 +8,8 @@ The objective is any object with
 
 (``opendit.diffusion.GaussianDiffusion`` is one). An auxiliary loss is an object with ``name``, ``weight``, ``depths``
 (the block numbers whose output tokens it reads; 1 = after the first block) and ``__call__(hidden, batch) -> scalar``,
-where ``hidden`` maps each depth to the (N, T, D) tokens of this step's forward pass.
+where ``hidden`` maps each depth to the (N, T, D) tokens of this step's forward pass (opendit.alignment's RepaLoss is
+one).
 
 Every step ends with one small all-reduce of [loss non-finite, grad norm non-finite, stop requested], so all ranks skip
 the same bad steps and stop after the same step.
@@ -35,6 +36,7 @@ class StepBatch:
     t: torch.Tensor | None  # (N,) the objective's timesteps
     drop: torch.Tensor | None  # (N,) labels to replace by the null class (None: no class dropout)
     noise: torch.Tensor  # the objective's noise, like x
+    features: list | None = None  # REPA: each encoder's (N, T, d) features of the clean images
 
 
 @dataclass

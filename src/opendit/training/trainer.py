@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..alignment import check_alignment_flags, setup_alignment, split_state
 from ..data import GlobalBatchPlan, build_dataset, default_image_size, plan_batches
 from ..data.latents import LatentDataset
 from ..errors import TrainingFailed, UserError
@@ -31,7 +32,7 @@ from ..preemption import StopRequest
 from ..space import Space, check_patch, training_space
 from . import checkpoint as ckpt
 from .bad_images import BadImages
-from .ema import EMA
+from .ema import EMA, NOT_AVERAGED
 from .optim import build_optimizer, learning_rate
 from .randomness import draw_step_randomness, step_seed
 from .resume import plan_resume, restore
@@ -64,6 +65,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
 
         # --- model, parallelism, EMA, optimizer, objective
         model = build_model(args.model, space, dataset.num_classes, args.global_seed, env.device)
+        alignment = setup_alignment(args, model, dataset, env.device)  # REPA: encoders, projectors on the model
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         train_model = parallelize_dit(model, options, env, precision)  # zero2 / fsdp: sharded in place
         opt = build_optimizer(model, args.lr, env.device)
@@ -89,7 +91,8 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
                           args.epochs * batch_plan.steps_per_epoch)
         branch, moved = record_session(env, run_dir, created, ckpt_dir, state, resume, command,
                                        config=run_config(args, space, dataset, env.world_size, global_batch, objective))
-        describe_run(args, env, log, model, space, dataset, batch_plan, global_batch, precision, run_dir, objective)
+        describe_run(args, env, log, model, space, dataset, batch_plan, global_batch, precision, run_dir, objective,
+                     alignment)
         describe_session(env, log, run_dir, ckpt_dir, state, resume, branch, moved)
 
         evaluator = fid_evaluator(args, dataset, run_dir, env)
@@ -113,21 +116,23 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         stop.install()
         stopped = False
         while state.global_step < total_steps and not stopped:
-            for x, y, problems in plan_batches(dataset, batch_plan, state.epoch, state.epoch_offset, args.num_workers,
-                                               pin_memory=env.device.type == "cuda"):
+            for x, y, problems, stored in plan_batches(dataset, batch_plan, state.epoch, state.epoch_offset,
+                                                       args.num_workers, pin_memory=env.device.type == "cuda"):
                 if problems:
                     bad.note(problems, y, state.global_step + 1)
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 gen.manual_seed(step_seed(args.global_seed, state.global_step))
                 draws = draw_step_randomness(gen, objective, global_batch, sl, shape, vae_shape, class_dropout,
                                              env.device)
+                features = alignment.features(x, stored, precision) if alignment else None  # of the clean images
                 if space.latent:
                     x = space.codec.encode(x, draws.vae_eps)
-                batch = StepBatch(x, y, draws.t, draws.drop if class_dropout > 0 else None, draws.noise)
+                batch = StepBatch(x, y, draws.t, draws.drop if class_dropout > 0 else None, draws.noise, features)
                 lr = learning_rate(state.global_step, lr=args.lr, schedule=args.lr_schedule,
                                    warmup=args.warmup_steps, total=total_steps)
                 result = train_step(train_model, model, opt, objective, batch, lr=lr, grad_clip=args.grad_clip,
                                     precision=precision, ema=ema, ema_decay=args.ema_decay, env=env, stop=stop,
+                                    aux_losses=(alignment.loss,) if alignment else (),
                                     step_number=state.global_step + 1)
                 progress.record(result, state)
                 state.advance(global_batch)
@@ -183,6 +188,7 @@ def validate(args, given: set[str] | None = None) -> None:
         if flow_only := [k for k in FLOW_SETTINGS if k in given]:
             raise UserError(f"--{flow_only[0]} is a setting of the flow objective; add --objective flow (the run's "
                             f"objective is {getattr(args, 'objective', 'diffusion')})")
+    check_alignment_flags(args, given)
     if given is not None and getattr(args, "time_sampling", None) != "logit_normal":
         if unused := [k for k in ("time_mean", "time_std") if k in given]:
             raise UserError(f"--{unused[0]} sets the logit-normal t; add --time_sampling logit_normal")
@@ -250,14 +256,17 @@ def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state
 
 
 def describe_run(args, env, log, model, space: Space, dataset, batch_plan, global_batch: int, precision, run_dir,
-                 objective):
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                 objective, alignment=None):
+    n_params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith(NOT_AVERAGED))
     flops = dit_train_flops_per_image(**model_cost_config(model))
     log.info(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image per step; "
              f"{space.describe()}; {args.dataset}: {len(dataset)} images, {dataset.num_classes} classes; global batch "
              f"{global_batch} ({env.world_size} x {args.batch_size}), {batch_plan.steps_per_epoch} steps/epoch; "
              f"{args.mixed_precision} on {env.device}, plugin {args.plugin}; objective {describe_objective(objective)}; "
              f"run dir {run_dir}")
+    if alignment is not None:
+        n_proj = sum(p.numel() for p in alignment.loss.projectors.parameters())
+        log.info(f"{alignment.describe()}; projector(s) {n_proj / 1e6:.2f}M parameters (trained, not sampled)")
     if (w := precision.warning()) and env.is_main:
         print(f"warning: {w}", file=sys.stderr)
         log.info(f"warning: {w}")
@@ -289,6 +298,7 @@ class Progress:
         self.global_batch, self.total_steps = global_batch, total_steps
         self.loss_sum = torch.zeros((), device=env.device)
         self.norm_sum = torch.zeros((), device=env.device)
+        self.aux_sums: dict[str, torch.Tensor] = {}  # auxiliary losses (weighted), e.g. REPA's
         self.n, self.t_last, self.step_last = 0, time.perf_counter(), state.global_step
         self.bad_in_a_row, self.overflow_steps, self.memory = 0, 0, None
         if env.device.type == "cuda":
@@ -319,6 +329,8 @@ class Progress:
             self.bad_in_a_row = 0
             self.loss_sum += result.loss
             self.norm_sum += result.grad_norm
+            for name, value in result.aux.items():
+                self.aux_sums[name] = self.aux_sums.get(name, 0) + value
             self.n += 1
             if self.memory is None:
                 self.note_memory()
@@ -348,6 +360,8 @@ class Progress:
         values = {"loss": avg_loss, "grad_norm": avg_norm, "steps_per_s": steps_s,
                   "images_per_s": steps_s * self.global_batch, "epoch": state.epoch, "lr": lr,
                   "skipped_steps": state.skipped_steps, "bad_images": bad_images}
+        for name, total in self.aux_sums.items():  # "repa_loss": lambda x the alignment loss, as added to "loss"
+            values[f"{name}_loss"] = distributed.all_reduce_mean(total / self.n, env).item() if self.n else math.nan
         if self.overflow_steps:
             values["fp16_overflow_steps"] = self.overflow_steps
         if env.device.type == "cuda":
@@ -361,6 +375,7 @@ class Progress:
         self.bar.set_postfix(loss=f"{avg_loss:.4f}", img_s=f"{steps_s * self.global_batch:.1f}")
         self.loss_sum.zero_()
         self.norm_sum.zero_()
+        self.aux_sums = {}
         self.n, self.t_last, self.step_last = 0, time.perf_counter(), step
 
     def close(self) -> None:
@@ -370,7 +385,7 @@ class Progress:
 def save_checkpoint(model, ema: EMA, opt, state: TrainState, precision, bad: BadImages, env, args, run_dir: str,
                     resumed_from: str | None, global_batch: int, log) -> None:
     """Gather the whole model, EMA and optimizer states (collectives on every rank); rank 0 writes the checkpoint."""
-    model_state = distributed.full_model_state(model, env)
+    model_state, projector_state = split_state(distributed.full_model_state(model, env))
     ema_state = ema.state_dict(env)
     optim_state = distributed.full_optimizer_state(model, opt, env)
     n_bad_images = bad.total()
@@ -381,7 +396,7 @@ def save_checkpoint(model, ema: EMA, opt, state: TrainState, precision, bad: Bad
         path, deleted = ckpt.save_checkpoint(
             run_dir, ckpt.checkpoint_name(state.epoch, state.global_step), model_state=model_state,
             ema_state=ema_state, optimizer_state=optim_state, running_states=rs, keep=args.ckpt_keep,
-            protect=(resumed_from,) if resumed_from else ())
+            protect=(resumed_from,) if resumed_from else (), projector_state=projector_state)
         log.info(f"saved checkpoint {path}" + (f"; deleted {', '.join(deleted)} (--ckpt_keep {args.ckpt_keep})"
                                               if deleted else ""))
     distributed.barrier(env)

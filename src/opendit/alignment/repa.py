@@ -1,0 +1,146 @@
+"""Representation alignment (REPA, Yu et al., 2024) as an auxiliary loss of the training step.
+
+The DiT's tokens after block ``depth`` (1 = the first block) go through one projector per encoder, an MLP
+Linear(D, W) - SiLU - Linear(W, W) - SiLU - Linear(W, d_enc) with W = 2048 as published, and are pulled towards the
+frozen encoder's patch features of the clean image:
+
+    loss = mean over encoders, batch and tokens of  -cos(projector(h_t), z_t)
+
+and the step minimizes objective + lambda * loss (lambda 0.5 published). The projectors are trained with the model:
+they are attached to it as ``model.projectors`` (so data parallelism, the optimizer, resume and the optimizer state
+cover them) but are not part of the sampled model: the EMA skips them, and checkpoints keep them in their own file
+(``projector/projector.safetensors``), so ``ema.pt`` and ``model/`` keep the published DiT layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import NONNEG_FLOAT, POSITIVE_INT, UserError
+from .encoders import build_encoders, encode, match_grid, parse_specs
+
+PREFIX = "projectors."  # the projectors' state dict keys (REPA's release uses the same name)
+SETTINGS = ("repa_encoder_weights", "repa_depth", "repa_lambda", "repa_projector_dim")  # need --repa_encoder
+
+
+def build_projector(hidden_size: int, width: int, feature_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                         nn.Linear(width, feature_dim))
+
+
+def attach_projectors(model: nn.Module, feature_dims: list[int], width: int, seed: int) -> nn.ModuleList:
+    """``model.projectors``: one projector per encoder, xavier-uniform weights and zero biases (as the DiT's linear
+    layers), drawn from ``seed`` alone (the same on every rank, whatever else used the global generator)."""
+    hidden = model.hidden_size
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projectors = nn.ModuleList(build_projector(hidden, width, d) for d in feature_dims)
+        for m in projectors.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+    model.projectors = projectors.to(device)
+    return model.projectors
+
+
+def alignment_loss(projected: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over encoders, batch and tokens of the negative cosine similarity; each pair (N, T, d_k), computed in
+    fp32 (the projections may come out of autocast in bf16)."""
+    losses = [-(F.normalize(p.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1).mean()
+              for p, z in zip(projected, targets, strict=True)]
+    return torch.stack(losses).mean()
+
+
+class RepaLoss:
+    """The auxiliary loss the training step calls (see opendit.training.step): ``hidden`` holds the tokens after
+    block ``depth``; ``batch.features`` the encoders' features of the batch's clean images."""
+
+    name = "repa"
+
+    def __init__(self, projectors: nn.ModuleList, depth: int, weight: float, grid: tuple[int, int]):
+        self.projectors, self.weight, self.grid = projectors, float(weight), tuple(grid)
+        self.depth, self.depths = depth, (depth,)
+
+    def __call__(self, hidden: dict, batch) -> torch.Tensor:
+        h = hidden[self.depth]  # (N, T, D)
+        targets = [match_grid(z.to(h.device), self.grid) for z in batch.features]
+        return alignment_loss([p(h) for p in self.projectors], targets)
+
+
+@dataclass
+class Alignment:
+    """A run's REPA: the loss, and the encoders (None when the data set brings precomputed features)."""
+
+    loss: RepaLoss
+    encoders: list | None
+    names: list[str]
+
+    def features(self, images: torch.Tensor | None, precomputed: list | None, precision) -> list[torch.Tensor]:
+        if self.encoders is None:
+            return precomputed
+        with precision.autocast():
+            return encode(self.encoders, images)
+
+    def describe(self) -> str:
+        where = "precomputed with the latents" if self.encoders is None else "encoded in the loop"
+        return (f"REPA: tokens after block {self.loss.depth} aligned to {', '.join(self.names)} ({where}), "
+                f"lambda {self.loss.weight:g}")
+
+
+def setup_alignment(args, model: nn.Module, dataset, device) -> Alignment | None:
+    """REPA for a run (None without --repa_encoder): the encoders, or the data set's precomputed features, and the
+    projectors attached to ``model``. Call after building the model, before parallelizing it and its optimizer."""
+    names = parse_specs(getattr(args, "repa_encoder", None))
+    if not names:
+        return None
+    depth = len(model.blocks)
+    if not 1 <= args.repa_depth <= depth:
+        raise UserError(f"--repa_depth {args.repa_depth}: {args.model} has blocks 1..{depth} (published: 8 for L and "
+                        f"XL, 4 for B)")
+    stored = getattr(dataset, "encoder_names", None)
+    if stored is not None or args.dataset == "latents":
+        if stored != names:
+            raise UserError(f"--repa_encoder {args.repa_encoder}: the latents in {args.data_path} hold features of "
+                            f"{', '.join(stored) if stored else 'no encoder'}; extract them with --repa_encoder "
+                            f"{args.repa_encoder} (scripts/dit/extract_features.py)")
+        if args.repa_encoder_weights:
+            raise UserError("--repa_encoder_weights: the latents bring precomputed features; no encoder is loaded")
+        encoders, dims = None, list(dataset.encoder_dims)
+    else:
+        encoders = build_encoders(args.repa_encoder, args.repa_encoder_weights, device)
+        dims = [e.feature_dim for e in encoders]
+    projectors = attach_projectors(model, dims, args.repa_projector_dim, seed=args.global_seed + 1)
+    return Alignment(RepaLoss(projectors, args.repa_depth, args.repa_lambda, model.x_embedder.grid_size), encoders,
+                     names)
+
+
+def split_state(sd: dict) -> tuple[dict, dict]:
+    """(the DiT's entries, the projectors' entries) of a trained model's state dict."""
+    return ({k: v for k, v in sd.items() if not k.startswith(PREFIX)},
+            {k: v for k, v in sd.items() if k.startswith(PREFIX)})
+
+
+def add_alignment_flags(p) -> None:
+    a = p.add_argument
+    a("--repa_encoder", default=None,
+      help="REPA: align the DiT's tokens with this frozen encoder's patch features: dinov2-vit-b (published), "
+           "dinov2-vit-s/l/g[-reg], digits (the bundled digits classifier), package.module:factory; comma-separated "
+           "for several. Off by default")
+    a("--repa_encoder_weights", default=None,
+      help="REPA: the encoder's weights file (DINOv2: dinov2_vitb14_pretrain.pth; default: the torch hub cache); "
+           "comma-separated, one per encoder")
+    a("--repa_depth", type=POSITIVE_INT, default=8, help="REPA: align the tokens after this block (1 = the first)")
+    a("--repa_lambda", type=NONNEG_FLOAT, default=0.5, help="REPA: weight of the alignment loss")
+    a("--repa_projector_dim", type=POSITIVE_INT, default=2048, help="REPA: hidden width of the projector MLP")
+
+
+def check_alignment_flags(args, given: set[str] | None) -> None:
+    if given is None or parse_specs(getattr(args, "repa_encoder", None)):
+        return
+    if unused := [k for k in SETTINGS if k in given]:
+        raise UserError(f"--{unused[0]} is a REPA setting; add --repa_encoder (e.g. dinov2-vit-b)")
