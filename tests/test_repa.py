@@ -52,7 +52,8 @@ def test_features_are_resized_to_the_token_grid():
     # a field linear in the column index: bilinear upsampling (align_corners=False) keeps it linear inside the grid
     col = torch.arange(4.0).repeat(4)  # (16,) row-major: value = column
     up = match_grid(col.view(1, 16, 1), (8, 8)).view(8, 8)
-    assert torch.allclose(up[:, 1:7], (torch.arange(8.0)[1:7] - 0.5) / 2 + 0.0 * up[:, 1:7])
+    # output column x samples input column x / 2 - 0.25 (clamped at the borders): value (x - 0.5) / 2 inside
+    torch.testing.assert_close(up[:, 1:7], ((torch.arange(8.0)[1:7] - 0.5) / 2).expand(8, 6))
     down = match_grid(torch.arange(64.0).view(1, 64, 1), (4, 4)).view(4, 4)  # 2x2 averages of an 8x8 ramp
     want = torch.arange(64.0).view(8, 8).unfold(0, 2, 2).unfold(1, 2, 2).mean((-1, -2))
     torch.testing.assert_close(down, want)
@@ -212,7 +213,7 @@ def test_repa_checkpoints_keep_the_dit_layout_and_sample(repa_run, tmp_path):
     assert r.returncode == 0 and os.path.isfile(tmp_path / "diffusers" / "config.json"), r.stderr[-3000:]
 
 
-def test_grad_checkpointing_gives_the_same_repa_step():
+def test_grad_checkpointing_and_compile_give_the_same_repa_step():
     from opendit.diffusion import create_diffusion
     from opendit.distributed import DistEnv
     from opendit.precision import Precision
@@ -221,8 +222,12 @@ def test_grad_checkpointing_gives_the_same_repa_step():
     from opendit.training.step import train_step
 
     results = []
-    for ckpt in (False, True):
-        model = tiny_dit().set_grad_checkpoint(ckpt)
+    for option in ("plain", "grad_checkpoint", "compile"):
+        model = tiny_dit().set_grad_checkpoint(option == "grad_checkpoint")
+        if option == "compile":  # as parallelize.apply_compile, traced by AOTAutograd (no C++ toolchain needed)
+            torch._dynamo.reset()
+            for block in model.blocks:
+                block.compile(backend="aot_eager")
         loss = RepaLoss(attach_projectors(model, [6], width=16, seed=0), depth=2, weight=0.5, grid=(4, 4))
         g = torch.Generator().manual_seed(3)
         x = torch.randn(4, 1, 8, 8, generator=g)
@@ -234,14 +239,18 @@ def test_grad_checkpointing_gives_the_same_repa_step():
                        precision=Precision("fp32", torch.device("cpu")), ema=ema, ema_decay=0.9, env=DistEnv(),
                        aux_losses=(loss,))
         results.append((r, dict(model.named_parameters()), ema))
-    (a, pa, ea), (b, pb, eb) = results
+    (a, pa, ea), (b, pb, eb), (c, pc, ec) = results
     assert a.loss == b.loss and a.aux["repa"] == b.aux["repa"] and a.grad_norm == b.grad_norm
     assert all(torch.equal(pa[n], pb[n]) for n in pa)  # projectors included: they are trained with the model
     assert not any(n.startswith("projectors.") for n in ea.names)  # and not averaged
+    # the compiled blocks' decomposed ops may round differently: fp32 ulps, then one AdamW step of lr 1e-3
+    torch.testing.assert_close(c.loss, a.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(c.aux["repa"], a.aux["repa"], rtol=1e-5, atol=0)
+    assert c.aux["repa"] != 0 and all(torch.allclose(pc[n], pa[n], rtol=0, atol=1e-5) for n in pa)
 
 
 @pytest.mark.parametrize("case", ["depth_too_deep", "without_encoder", "unknown_encoder", "missing_weights",
-                                  "weights_for_digits", "bad_factory"])
+                                  "missing_hub_file", "weights_for_digits", "bad_factory"])
 def test_bad_repa_input_is_one_line_and_exit_2(case, tmp_path):
     argv = {
         "depth_too_deep": [*TINY, "--repa_encoder", "digits", "--repa_depth", "5"],
@@ -249,14 +258,17 @@ def test_bad_repa_input_is_one_line_and_exit_2(case, tmp_path):
         "unknown_encoder": [*TINY, "--repa_encoder", "dino"],
         "missing_weights": [*TINY, "--repa_encoder", "dinov2-vit-b", "--repa_depth", "2", "--repa_encoder_weights",
                             str(tmp_path / "dinov2_vitb14_pretrain.pth")],
+        "missing_hub_file": [*TINY, "--repa_encoder", "dinov2-vit-b", "--repa_depth", "2"],
         "weights_for_digits": [*TINY, "--repa_encoder", "digits", "--repa_depth", "2", "--repa_encoder_weights", "x.pt"],
         "bad_factory": [*TINY, "--repa_encoder", "no_such_module:factory", "--repa_depth", "2"],
     }[case]
-    r = run_train(*argv, "--max_steps", "1", "--batch_size", "8", "--outputs", str(tmp_path / "out"))
+    r = run_train(*argv, "--max_steps", "1", "--batch_size", "8", "--outputs", str(tmp_path / "out"),
+                  env_extra={"TORCH_HOME": str(tmp_path / "torch")})  # offline (the helpers set OPENDIT_OFFLINE)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
     want = {"depth_too_deep": "--repa_depth 5", "without_encoder": "add --repa_encoder",
             "unknown_encoder": "unknown --repa_encoder", "missing_weights": "dinov2_vitb14_pretrain.pth",
+            "missing_hub_file": f"put it at {tmp_path / 'torch' / 'hub' / 'checkpoints' / 'dinov2_vitb14_pretrain.pth'}",
             "weights_for_digits": "takes no weights file", "bad_factory": "cannot import"}[case]
     assert want in lines[0]

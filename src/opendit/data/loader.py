@@ -13,15 +13,15 @@ from .sampler import GlobalBatchPlan
 
 
 def plan_batches(dataset, plan: GlobalBatchPlan, epoch: int, offset: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list | None]]:
+                 pin_memory: bool = False, features: bool = False
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list | None]]:
     """Yield (images (B, C, S, S) float32 in [-1, 1], labels (B,), problems, features) for the rest of ``epoch``;
     ``problems`` lists the unreadable files met in this batch ("path: reason"; each was replaced by the next readable
-    image, and a label of -1 marks a slot where none was found); ``features``: encoder features stored with
-    precomputed latents (a list, one (B, T, d) tensor per encoder), else None."""
+    image, and a label of -1 marks a slot where none was found); ``features``: with ``features=True``, the encoder
+    features stored with precomputed latents (a list, one (B, T, d) tensor per encoder), else None (not read)."""
     if isinstance(dataset, InMemoryImages) or hasattr(dataset, "batch"):  # in memory or memory-mapped latents
-        stored = getattr(dataset, "encoder_names", None)
         for idx, flips in plan.epoch_batches(epoch, offset):
-            yield (*dataset.batch(idx, flips), [], dataset.batch_features(idx, flips) if stored else None)
+            yield (*dataset.batch(idx, flips), [], dataset.batch_features(idx, flips) if features else None)
         return
     batches = [list(zip(idx.tolist(), flips.tolist())) for idx, flips in plan.epoch_batches(epoch, offset)]
     if not batches:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from ..alignment.repa import PREFIX as PROJECTORS
 from ..distributed import DistEnv, full_model_state, local
 
 # training-only parts of a trained model that are not part of the sampled model: not averaged, not in the EMA state
 # (REPA's projectors)
-NOT_AVERAGED = ("projectors.",)
+NOT_AVERAGED = (PROJECTORS,)
 
 
 class EMA:

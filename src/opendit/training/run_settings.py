@@ -4,7 +4,8 @@ A run directory keeps the settings it was started with (``config.json``, never r
 in ``history.jsonl``: its command line, the checkpoint it resumed from, and the settings it changed. On resume:
 
 - settings that define the run (``DEFINING``: seed, model, data set, image size, VAE, number of classes, objective
-  and the flow's settings, REPA's encoders and projectors, and the global batch) come from the run; a different value on the command line is an error;
+  and the flow's settings, REPA's encoders and projectors, and the global batch) come from the run; a different value
+  on the command line is an error;
 - settings that may change (``CHANGEABLE``: learning rate and schedule, step budget, logging, checkpoint cadence,
   evaluation, precision, ...) come from the run unless given, and a given value that differs is applied and recorded;
 - the rest (``ENVIRONMENT``: device, plugin, workers, kernels, compile, ...) describe this session's machine and are

@@ -117,7 +117,8 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         stopped = False
         while state.global_step < total_steps and not stopped:
             for x, y, problems, stored in plan_batches(dataset, batch_plan, state.epoch, state.epoch_offset,
-                                                       args.num_workers, pin_memory=env.device.type == "cuda"):
+                                                       args.num_workers, pin_memory=env.device.type == "cuda",
+                                                       features=bool(alignment and alignment.encoders is None)):
                 if problems:
                     bad.note(problems, y, state.global_step + 1)
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
