@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from opendit.alignment import RepaLoss, attach_projectors, encode  # noqa: E402
-from opendit.alignment.encoders import DigitsEncoder, DINOv2Encoder  # noqa: E402
+from opendit.alignment import dinov2  # noqa: E402
+from opendit.alignment.encoders import DigitsEncoder, DINOv2Encoder, dinov2_variant  # noqa: E402
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.distributed import DistEnv  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
@@ -34,15 +35,8 @@ from opendit.training.step import StepBatch, train_step  # noqa: E402
 
 def random_dinov2(name: str, device):
     """A DINOv2 encoder of the released shape with random weights (timing only)."""
-    from opendit.alignment import dinov2
-
-    enc = DINOv2Encoder.__new__(DINOv2Encoder)
-    enc.name = name
-    enc.net = dinov2.DINOv2(name[len("dinov2-vit-")]).eval().requires_grad_(False).to(device)
-    enc.feature_dim = enc.net.dim
-    enc.mean = torch.tensor((0.485, 0.456, 0.406), device=device).view(1, 3, 1, 1)
-    enc.std = torch.tensor((0.229, 0.224, 0.225), device=device).view(1, 3, 1, 1)
-    return enc
+    net = dinov2.DINOv2(*dinov2_variant(name)).eval().requires_grad_(False).to(device)
+    return DINOv2Encoder(name, net, device)
 
 
 def main() -> int:

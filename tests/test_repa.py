@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from helpers import TINY, only_run_dir, read_metrics, run, run_train, REPO
 from reference_repa import naive_dinov2
-from opendit.alignment import (RepaLoss, alignment_loss, attach_projectors, build_encoders, encode, match_grid,
-                               split_state)
+from opendit.alignment import PREFIX, RepaLoss, alignment_loss, attach_projectors, build_encoders, encode, match_grid
 from opendit.alignment import dinov2
 from opendit.errors import UserError
 from opendit.models import DiT, DiT_models
@@ -87,10 +86,12 @@ def test_projector_gradients_reach_the_first_depth_blocks_only():
     assert projectors[1][-1].weight.grad.abs().sum() > 0
 
 
-def test_projectors_are_published_shape_and_split_off_the_dit_layout():
+def test_projectors_have_the_published_shape_apart_from_the_dit_layout():
     model = DiT_models["DiT-XL/2"](input_size=32)
     attach_projectors(model, [768], width=2048, seed=0)
-    dit, proj = split_state(model.state_dict())
+    sd = model.state_dict()
+    dit = {k: v for k, v in sd.items() if not k.startswith(PREFIX)}
+    proj = {k: v for k, v in sd.items() if k.startswith(PREFIX)}
     assert {k: tuple(v.shape) for k, v in proj.items()} == {
         "projectors.0.0.weight": (2048, 1152), "projectors.0.0.bias": (2048,), "projectors.0.2.weight": (2048, 2048),
         "projectors.0.2.bias": (2048,), "projectors.0.4.weight": (768, 2048), "projectors.0.4.bias": (768,)}

@@ -44,14 +44,16 @@ def parse_specs(spec: str | None) -> list[str]:
     return names
 
 
-class DINOv2Encoder:
-    def __init__(self, name: str, weights: str | None, device):
-        from .dinov2 import load_dinov2
+def dinov2_variant(name: str) -> tuple[str, int]:
+    """(size, register tokens) of a ``dinov2-vit-...`` name."""
+    return name[len("dinov2-vit-")], 4 if name.endswith("-reg") else 0
 
-        size, registers = name[len("dinov2-vit-")], 4 if name.endswith("-reg") else 0
-        self.name = name
-        self.net = load_dinov2(size, registers, weights, device=device)
-        self.feature_dim = self.net.dim
+
+class DINOv2Encoder:
+    """A (frozen) ``alignment.dinov2.DINOv2`` network with the preprocessing it expects."""
+
+    def __init__(self, name: str, net, device):
+        self.name, self.net, self.feature_dim = name, net, net.dim
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
@@ -108,7 +110,9 @@ def build_encoders(spec: str | None, weights: str | None, device) -> list:
     encoders = []
     for name, file in zip(names, files):
         if name in DINOV2_NAMES:
-            encoders.append(DINOv2Encoder(name, file, device))
+            from .dinov2 import load_dinov2
+
+            encoders.append(DINOv2Encoder(name, load_dinov2(*dinov2_variant(name), file, device=device), device))
             continue
         if file is not None:
             raise UserError(f"--repa_encoder_weights: the encoder {name} takes no weights file")

@@ -68,7 +68,7 @@ class RepaLoss:
 
     def __call__(self, hidden: dict, batch) -> torch.Tensor:
         h = hidden[self.depth]  # (N, T, D)
-        targets = [match_grid(z.to(h.device), self.grid) for z in batch.features]
+        targets = [match_grid(z, self.grid) for z in batch.features]
         return alignment_loss([p(h) for p in self.projectors], targets)
 
 
@@ -80,14 +80,19 @@ class Alignment:
     encoders: list | None
     names: list[str]
 
-    def features(self, images: torch.Tensor | None, precomputed: list | None, precision) -> list[torch.Tensor]:
-        if self.encoders is None:
-            return precomputed
+    @property
+    def stored(self) -> bool:
+        """The features come with the data (precomputed latents): no encoder runs."""
+        return self.encoders is None
+
+    def features(self, images: torch.Tensor | None, precomputed: list | None, precision, device) -> list[torch.Tensor]:
+        if self.stored:
+            return [z.to(device, non_blocking=True) for z in precomputed]
         with precision.autocast():
             return encode(self.encoders, images)
 
     def describe(self) -> str:
-        where = "precomputed with the latents" if self.encoders is None else "encoded in the loop"
+        where = "precomputed with the latents" if self.stored else "encoded in the loop"
         return (f"REPA: tokens after block {self.loss.depth} aligned to {', '.join(self.names)} ({where}), "
                 f"lambda {self.loss.weight:g}")
 
@@ -117,12 +122,6 @@ def setup_alignment(args, model: nn.Module, dataset, device) -> Alignment | None
     projectors = attach_projectors(model, dims, args.repa_projector_dim, seed=args.global_seed + 1)
     return Alignment(RepaLoss(projectors, args.repa_depth, args.repa_lambda, model.x_embedder.grid_size), encoders,
                      names)
-
-
-def split_state(sd: dict) -> tuple[dict, dict]:
-    """(the DiT's entries, the projectors' entries) of a trained model's state dict."""
-    return ({k: v for k, v in sd.items() if not k.startswith(PREFIX)},
-            {k: v for k, v in sd.items() if k.startswith(PREFIX)})
 
 
 def add_alignment_flags(p) -> None:

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import faults
+from ..alignment.repa import PREFIX as PROJECTORS
 from ..atomic import atomic_path, fsync_path, write_text_atomic
 from ..errors import UserError
 
@@ -195,10 +196,9 @@ def remove_stale_partials(run_dir: str) -> list[str]:
 
 
 def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: dict, optimizer_state: dict,
-                    running_states: dict, keep: int = 0, protect: tuple[str, ...] = (),
-                    projector_state: dict | None = None) -> tuple[str, list[str]]:
+                    running_states: dict, keep: int = 0, protect: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """Write a complete checkpoint (called on one rank); returns (its path, the names retention deleted).
-    ``projector_state``: REPA's projectors (written only when there are some). ``keep`` > 0
+    ``model_state``: the trained model's; REPA's projectors in it go to their own file. ``keep`` > 0
     deletes all but the newest ``keep`` checkpoints of the run's current branch, never the one just written nor those
     named in ``protect`` (e.g. the checkpoint this session resumed from)."""
     remove_stale_partials(run_dir)
@@ -208,6 +208,8 @@ def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: di
     with atomic_path(final, tmp=os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")) as tmp:
         os.makedirs(os.path.join(tmp, "model"))
         os.makedirs(os.path.join(tmp, "optimizer"))
+        projector_state = {k: v for k, v in model_state.items() if k.startswith(PROJECTORS)}
+        model_state = {k: v for k, v in model_state.items() if not k.startswith(PROJECTORS)}
         save_file({k: v.detach().float().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
         if m := CKPT_RE.match(name):
             faults.maybe_kill_in_save(int(m.group(2)))
@@ -289,9 +291,9 @@ def _torch_load_safe(path: str):
 
 
 def load_checkpoint(ckpt_dir: str) -> dict:
-    """{"model", "ema", "optimizer", "running_states", "projector"} of a checkpoint directory, on the CPU, after
-    checking its manifest ("projector": {} without one). Integrity problems raise CorruptCheckpoint, a pickle carrying
-    code a plain UserError."""
+    """{"model", "ema", "optimizer", "running_states"} of a checkpoint directory, on the CPU, after checking its
+    manifest ("model": the trained model's state, REPA's projectors included). Integrity problems raise
+    CorruptCheckpoint, a pickle carrying code a plain UserError."""
     verify_manifest(ckpt_dir)
     try:
         model = load_file(os.path.join(ckpt_dir, MODEL_FILE))
@@ -307,15 +309,13 @@ def load_checkpoint(ckpt_dir: str) -> dict:
     for key in ("epoch", "global_step", "epoch_offset"):
         if not isinstance(states.get(key), int):
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir}: {STATE_FILE} has no integer {key!r}")
-    projector = {}
     if os.path.isfile(os.path.join(ckpt_dir, PROJECTOR_FILE)):
         try:
-            projector = load_file(os.path.join(ckpt_dir, PROJECTOR_FILE))
+            model.update(load_file(os.path.join(ckpt_dir, PROJECTOR_FILE)))
         except Exception as e:
             raise CorruptCheckpoint(f"checkpoint {ckpt_dir}: {PROJECTOR_FILE} is corrupt or truncated ({e})") from None
     return {
         "model": model,
-        "projector": projector,
         "ema": _torch_load_safe(os.path.join(ckpt_dir, EMA_FILE)),
         "optimizer": _torch_load_safe(os.path.join(ckpt_dir, OPTIM_FILE)),
         "running_states": states,

@@ -46,7 +46,6 @@ def _read_checkpoint(load: str, shapes: dict, notes: list) -> dict:
     """Rank 0: the newest intact checkpoint of ``load``, checked against the model's shapes."""
     ckpt_dir, state, skipped = ckpt.find_resumable(load)
     notes.extend(f"warning: {w}; resuming from an older checkpoint" for w in skipped)
-    state["model"] = {**state["model"], **state.pop("projector")}  # REPA's projectors are kept in their own file
     ckpt.check_fits(shapes, state["model"], f"checkpoint {ckpt_dir} (model)")
     averaged = {k: v for k, v in shapes.items() if not k.startswith(NOT_AVERAGED)}
     ckpt.check_fits(averaged, state["ema"], f"checkpoint {ckpt_dir} (ema.pt)")

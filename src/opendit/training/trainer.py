@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..alignment import check_alignment_flags, setup_alignment, split_state
+from ..alignment import check_alignment_flags, setup_alignment
 from ..data import GlobalBatchPlan, build_dataset, default_image_size, plan_batches
 from ..data.latents import LatentDataset
 from ..errors import TrainingFailed, UserError
@@ -118,14 +118,15 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         while state.global_step < total_steps and not stopped:
             for x, y, problems, stored in plan_batches(dataset, batch_plan, state.epoch, state.epoch_offset,
                                                        args.num_workers, pin_memory=env.device.type == "cuda",
-                                                       features=bool(alignment and alignment.encoders is None)):
+                                                       features=bool(alignment and alignment.stored)):
                 if problems:
                     bad.note(problems, y, state.global_step + 1)
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 gen.manual_seed(step_seed(args.global_seed, state.global_step))
                 draws = draw_step_randomness(gen, objective, global_batch, sl, shape, vae_shape, class_dropout,
                                              env.device)
-                features = alignment.features(x, stored, precision) if alignment else None  # of the clean images
+                # REPA: the encoders' features of the clean images (or those stored with the latents), on the device
+                features = alignment.features(x, stored, precision, env.device) if alignment else None
                 if space.latent:
                     x = space.codec.encode(x, draws.vae_eps)
                 batch = StepBatch(x, y, draws.t, draws.drop if class_dropout > 0 else None, draws.noise, features)
@@ -386,7 +387,7 @@ class Progress:
 def save_checkpoint(model, ema: EMA, opt, state: TrainState, precision, bad: BadImages, env, args, run_dir: str,
                     resumed_from: str | None, global_batch: int, log) -> None:
     """Gather the whole model, EMA and optimizer states (collectives on every rank); rank 0 writes the checkpoint."""
-    model_state, projector_state = split_state(distributed.full_model_state(model, env))
+    model_state = distributed.full_model_state(model, env)
     ema_state = ema.state_dict(env)
     optim_state = distributed.full_optimizer_state(model, opt, env)
     n_bad_images = bad.total()
@@ -397,7 +398,7 @@ def save_checkpoint(model, ema: EMA, opt, state: TrainState, precision, bad: Bad
         path, deleted = ckpt.save_checkpoint(
             run_dir, ckpt.checkpoint_name(state.epoch, state.global_step), model_state=model_state,
             ema_state=ema_state, optimizer_state=optim_state, running_states=rs, keep=args.ckpt_keep,
-            protect=(resumed_from,) if resumed_from else (), projector_state=projector_state)
+            protect=(resumed_from,) if resumed_from else ())
         log.info(f"saved checkpoint {path}" + (f"; deleted {', '.join(deleted)} (--ckpt_keep {args.ckpt_keep})"
                                               if deleted else ""))
     distributed.barrier(env)
