@@ -39,6 +39,10 @@ COMMON = ["--dataset", "digits", "--model", "DiT-N/2", "--mixed_precision", "fp3
 # aligns about a third of the way in: block 8 of 28 for XL, 4 of 12 for B), lambda 0.5 as published, projector width
 # 512 = 4x the hidden size (the published 2048 is 1.8x XL's 1152; 2048 here would be 3.6x the DiT's own parameters)
 REPA_FLAGS = ["--repa_encoder", "digits", "--repa_depth", "2", "--repa_lambda", "0.5", "--repa_projector_dim", "512"]
+# LightningDiT's published block set (RMSNorm, SwiGLU, 2-D RoPE; QK-norm and no-shift off, as in its XL/1 config)
+# with its objective (flow, logit-normal t, cosine velocity loss); the optimizer and schedule stay the common ones
+LIGHTNING_FLAGS = ["--use_rmsnorm", "--use_swiglu", "--use_rope",
+                   "--objective", "flow", "--time_sampling", "logit_normal", "--cosine_loss"]
 RECIPES = [  # (key, label, flags)
     ("dit", "DiT (diffusion)", []),
     ("sit", "SiT (flow, uniform t)", ["--objective", "flow"]),
@@ -46,6 +50,8 @@ RECIPES = [  # (key, label, flags)
      ["--objective", "flow", "--time_sampling", "logit_normal", "--cosine_loss"]),
     ("dit-repa", "DiT + REPA (digits encoder)", REPA_FLAGS),
     ("sit-repa", "SiT + REPA (digits encoder)", ["--objective", "flow", *REPA_FLAGS]),
+    ("lightning", "LightningDiT blocks + flow (logit-normal t, cosine loss)", LIGHTNING_FLAGS),
+    ("lightning-repa", "LightningDiT blocks + flow + REPA", [*LIGHTNING_FLAGS, *REPA_FLAGS]),
 ]
 # quality levels of the table: accuracy at guidance 1.5 (higher is better), Fréchet distances at guidance 1.0 (lower)
 ACCURACY_LEVELS = (0.95, 0.98, 0.99)
@@ -135,7 +141,7 @@ def plot(results: dict, path: str) -> None:
     """Three panels (accuracy at cfg 1.5, pixel FD and feature FD at cfg 1.0) against steps; PIL only."""
     from PIL import Image, ImageDraw
 
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75)]
     panels = [("acc_cfg1.5", "accuracy, cfg 1.5", False), ("pixel_fd_cfg1.0", "pixel FD, cfg 1.0 (log)", True),
               ("feature_fd_cfg1.0", "feature FD, cfg 1.0 (log)", True)]
     W, H, pad = 360, 300, 48
@@ -178,7 +184,7 @@ def plot(results: dict, path: str) -> None:
 def write_markdown(results: dict, meta: dict, bench_md: str) -> None:
     body = "\n".join([
         MARK_BEGIN,
-        f"## {meta['date']} — time to quality on digits (issues 14, 15), {meta['device']}, torch {meta['torch']}",
+        f"## {meta['date']} — time to quality on digits (issues 14, 15, 16), {meta['device']}, torch {meta['torch']}",
         "",
         f"`python benchmarks/time_to_quality.py` — every recipe trains DiT-N/2 on the 1,797 bundled digits with the "
         f"demo's budget (batch 128, lr 2e-3 cosine, 100 warmup steps, EMA 0.995, seed 0, {meta['steps']} steps, fp32); "

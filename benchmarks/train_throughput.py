@@ -8,6 +8,9 @@ on precomputed latents (random tensors of the latent shape: the VAE is not in th
     fast       bf16 autocast, SDPA flash/cuDNN attention (flash on CUDA), fused AdamW, foreach EMA,
                optional --compile
 
+A configuration name may end in "-lightning": the same with LightningDiT's published block set (RMSNorm, SwiGLU,
+2-D RoPE), e.g. --configs fast,fast-lightning compares the blocks at equal settings in one run.
+
 Prints img/s, step time, peak memory, MFU and the ratio fast/reference for each batch size, and appends
 rows to BENCHMARKS.md (device, torch version, settings). Also a sampling benchmark (--sample):
 DiT-XL/2 250 DDPM steps with guidance and DPM-Solver++ 20 steps, in images/s.
@@ -34,6 +37,8 @@ from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.flops import dit_train_flops_per_image, model_cost_config  # noqa: E402
 from opendit.distributed import DistEnv  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
+
+BLOCK_SETS = {"": {}, "lightning": dict(use_rmsnorm=True, use_swiglu=True, use_rope=True)}
 from opendit.parallelize import ModelOptions, parallelize_dit  # noqa: E402
 
 # Dense bf16 peak of the chip, the usual MFU denominator (spec sheet, SXM parts).
@@ -66,10 +71,14 @@ class Trainer:
 
     def __init__(self, args, config: str, device: torch.device):
         self.config, self.device = config, device
-        fast = config == "fast"
+        base, _, blocks = config.partition("-")
+        if base not in ("fast", "reference") or blocks not in BLOCK_SETS:
+            raise SystemExit(f"unknown config {config!r}: fast or reference, optionally -lightning")
+        fast = base == "fast"
         latent = args.image_size // 8
         torch.manual_seed(0)
-        model = DiT_models[args.model](input_size=latent, in_channels=4, num_classes=args.num_classes).to(device)
+        model = DiT_models[args.model](input_size=latent, in_channels=4, num_classes=args.num_classes,
+                                       **BLOCK_SETS[blocks]).to(device)
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ema_params = [e for e, p in zip(self.ema.parameters(), model.parameters()) if p.requires_grad]
@@ -77,7 +86,7 @@ class Trainer:
         self.model = model
         # the trainer's model transformation (one process: no data-parallel wrapper)
         options = ModelOptions(attention="flash" if (fast and device.type == "cuda") else ("sdpa" if fast else "eager"),
-                               norm="modulate_kernel" if (args.modulate_kernel and fast) else "torch",
+                               norm="modulate_kernel" if (args.modulate_kernel and fast and not blocks) else "torch",
                                grad_checkpoint=args.grad_checkpoint and fast, compile=args.compile and fast)
         self.forward = parallelize_dit(model, options, DistEnv(device=device))
         self.diffusion = create_diffusion("")
@@ -144,7 +153,7 @@ def train_benchmark(args, device) -> list[dict]:
     trainers = {c: Trainer(args, c, device) for c in args.configs}
     print(f"{args.model} @{args.image_size}px latents, {trainers[args.configs[0]].flops_per_image / 1e9:.0f} GFLOP/img/step, "
           f"device {device_name(device)}, torch {torch.__version__}")
-    print(f"{'batch':>5} {'config':>9} {'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    print(f"{'batch':>5} {'config':>15} {'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     for batch in args.batch_sizes:
         res = {}
         for rep in range(args.repeats):  # interleave the configurations
@@ -154,16 +163,17 @@ def train_benchmark(args, device) -> list[dict]:
                 except torch.OutOfMemoryError:
                     tr.opt.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
-                    print(f"{batch:>5} {c:>9} out of memory")
+                    print(f"{batch:>5} {c:>15} out of memory")
                     continue
                 if c not in res or r["step_s"] < res[c]["step_s"]:
                     res[c] = r
         for c, r in res.items():
             mfu = r["tflops"] / peak if peak else float("nan")
-            print(f"{batch:>5} {c:>9} {r['step_s'] * 1e3:>9.1f} {r['img_s']:>9.1f} {r['tflops']:>8.1f} {mfu:>6.1%} {r['peak_gib']:>9.2f}")
+            print(f"{batch:>5} {c:>15} {r['step_s'] * 1e3:>9.1f} {r['img_s']:>9.1f} {r['tflops']:>8.1f} {mfu:>6.1%} {r['peak_gib']:>9.2f}")
             rows.append(dict(batch=batch, config=c, mfu=mfu, **r))
-        if "reference" in res and "fast" in res:
-            print(f"{batch:>5} {'ratio':>9} fast/reference = {res['fast']['img_s'] / res['reference']['img_s']:.2f}x")
+        for a, b in (("fast", "reference"), ("fast-lightning", "fast"), ("reference-lightning", "reference")):
+            if a in res and b in res:
+                print(f"{batch:>5} {'ratio':>15} {a}/{b} = {res[a]['img_s'] / res[b]['img_s']:.2f}x")
     return rows
 
 
@@ -221,8 +231,9 @@ def append_markdown(args, device, train_rows, sample_rows):
         for r in train_rows:
             by.setdefault(r["batch"], {})[r["config"]] = r
         for b, rs in by.items():
-            if "fast" in rs and "reference" in rs:
-                lines.append(f"\nbatch {b}: fast / reference = {rs['fast']['img_s'] / rs['reference']['img_s']:.2f}x")
+            for x, y in (("fast", "reference"), ("fast-lightning", "fast"), ("reference-lightning", "reference")):
+                if x in rs and y in rs:
+                    lines.append(f"\nbatch {b}: {x} / {y} = {rs[x]['img_s'] / rs[y]['img_s']:.2f}x")
         lines.append("")
     for r in sample_rows:
         lines.append(f"- sampling {r['sampler']} {r['steps']} steps, cfg 4.0, batch {r['batch']}: {r['img_s']:.2f} img/s")

@@ -156,3 +156,112 @@ def test_repa_on_stored_features_matches_the_encoder_in_the_loop(setup, repa_fea
     # latents without the encoder's features: one line
     bad = run_train("--dataset", "latents", "--data_path", str(setup / "feats"), *common, "--outputs", str(tmp_path / "x"))
     assert bad.returncode == 2 and "hold features of no encoder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- other channel counts, latent_norm
+
+@pytest.fixture(scope="module")
+def wide(setup):
+    """A 6-channel VAE (LightningDiT's VA-VAE has 32) and its latents."""
+    torch.manual_seed(1)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), latent_channels=6, layers_per_block=1, norm_num_groups=8, sample_size=16,
+    )
+    vae.save_pretrained(str(setup / "vae6"))
+    r = run([sys.executable, EXTRACT, "--dataset", "imagefolder", "--data_path", str(setup / "images"), "--image_size", "16",
+             "--vae", str(setup / "vae6"), "--features_path", str(setup / "feats6"), "--dtype", "fp32", "--shard_size", "5",
+             "--batch_size", "3", "--num_workers", "0", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return setup / "feats6"
+
+
+def test_latent_statistics_are_the_moments_of_the_posterior_samples(wide):
+    from opendit.data.latents import LatentDataset
+
+    data = LatentDataset(str(wide))
+    assert data.latent_channels == 6
+    m, s = data.batch(torch.arange(12), torch.zeros(12, dtype=torch.bool))[0].double().split(6, dim=1)
+    # the latents z = m + s * eps over images, positions and eps ~ N(0, 1): E z = E m, Var z = Var m + E s^2
+    mean = m.mean(dim=(0, 2, 3))
+    var = m.var(dim=(0, 2, 3), unbiased=False) + (s * s).mean(dim=(0, 2, 3))
+    np.testing.assert_allclose(data.stats["mean"], mean.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(data.stats["std"], var.sqrt().numpy(), rtol=1e-9)
+    # and a Monte Carlo draw of the latents agrees (to its sampling error, 64 draws x 768 values per channel)
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([m + s * torch.randn(m.shape, generator=g, dtype=torch.float64) for _ in range(64)])
+    np.testing.assert_allclose(z.std(dim=(0, 2, 3)).numpy(), data.stats["std"], rtol=0.02)
+
+
+def test_latent_norm_trains_samples_and_records_its_statistics(setup, wide, tmp_path):
+    from opendit.data.latents import LatentDataset, PrecomputedLatents
+    from opendit.vae import LatentNorm, NormalizedCodec
+
+    data = LatentDataset(str(wide))
+    codec = NormalizedCodec(PrecomputedLatents(data, "cpu"), LatentNorm.from_record(dict(data.stats, multiplier=0.5), "t"))
+    x, _ = data.batch(torch.arange(12), torch.zeros(12, dtype=torch.bool))
+    eps = torch.randn(12, 6, 8, 8)
+    z = x[:, :6] + x[:, 6:] * eps
+    want = (z - torch.tensor(data.stats["mean"]).view(1, 6, 1, 1).float()) / torch.tensor(data.stats["std"]).view(
+        1, 6, 1, 1).float() * 0.5
+    torch.testing.assert_close(codec.encode(x, eps), want, rtol=1e-5, atol=1e-5)
+    r = run_train("--dataset", "latents", "--data_path", str(wide), "--model", "DiT-N/2", "--mixed_precision", "fp32",
+                  "--device", "cpu", "--batch_size", "4", "--max_steps", "2", "--num_workers", "0", "--latent_norm",
+                  "--latent_multiplier", "0.5", "--final_samples", "1", "--outputs", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "o")
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    f32 = {k: [float(np.float32(v)) for v in data.stats[k]] for k in ("mean", "std")}  # applied in fp32
+    assert cfg["in_channels"] == 6 and cfg["latent_stats"] == dict(f32, multiplier=0.5)
+    assert os.path.exists(os.path.join(run_dir, "samples.png"))  # denormalized, decoded by the 6-channel VAE
+    # sampling decodes through the run's statistics; --latent_stats (LightningDiT's latents_stats.pt) replaces them
+    from opendit.sample import build_parser
+    from opendit.sampling.load import load_for_sampling
+
+    loaded = load_for_sampling(build_parser().parse_args(["--ckpt", run_dir, "--device", "cpu"]), torch.device("cpu"))
+    assert loaded.space.latent_norm.record() == cfg["latent_stats"]
+    torch.save({"mean": torch.arange(6.0).view(1, 6, 1, 1), "std": torch.ones(1, 6, 1, 1) * 2}, tmp_path / "stats.pt")
+    args = build_parser().parse_args(["--ckpt", run_dir, "--device", "cpu", "--latent_stats", str(tmp_path / "stats.pt")])
+    assert load_for_sampling(args, torch.device("cpu")).space.latent_norm.record() == {
+        "mean": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], "std": [2.0] * 6, "multiplier": 0.5}
+    r = run([sys.executable, os.path.join(REPO, "scripts", "dit", "sample_dit.py"), "--ckpt", run_dir, "--labels", "0",
+             "--num_sampling_steps", "3", "--device", "cpu", "--out", str(tmp_path / "g.png")])
+    assert r.returncode == 0 and os.path.isfile(tmp_path / "g.png"), r.stderr[-2000:]
+    # a bare 6-channel state dict has no VAE to decode with: one line that says what to pass
+    ckpt = [d for d in os.listdir(run_dir) if d.startswith("epoch")][-1]
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(os.path.join(run_dir, ckpt, "ema.pt"), weights_only=True), bare)
+    r = run([sys.executable, os.path.join(REPO, "scripts", "dit", "sample_dit.py"), "--ckpt", str(bare), "--device",
+             "cpu", "--num_sampling_steps", "3"])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "6-channel inputs" in lines[0] and "--vae PATH" in lines[0]
+    r = run([sys.executable, os.path.join(REPO, "scripts", "dit", "sample_ddp.py"), "--ckpt", str(bare), "--vae", "none",
+             "--device", "cpu", "--num_samples", "2", "--sample_dir", str(tmp_path / "s")])  # no image has 6 channels
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "6-channel inputs" in lines[0], r.stderr[-2000:]
+
+
+def test_latent_norm_errors_are_one_line(setup, wide, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(wide, old)
+    index = json.load(open(old / "index.json"))
+    del index["latent_stats"]  # an extraction from before the statistics were stored
+    json.dump(index, open(old / "index.json", "w"))
+    r = run_train("--dataset", "latents", "--data_path", str(old), "--model", "DiT-N/2", "--device", "cpu",
+                  "--latent_norm", "--outputs", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no latent statistics" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    from opendit.data.latents import LatentDataset, PrecomputedLatents
+    from opendit.errors import UserError
+    from opendit.vae import NormalizedCodec, load_latent_stats
+
+    torch.save({"mean": torch.zeros(1, 4, 1, 1), "std": torch.ones(1, 4, 1, 1)}, tmp_path / "s4.pt")
+    with pytest.raises(UserError, match="have 4 channels, the latents 6"):
+        NormalizedCodec(PrecomputedLatents(LatentDataset(str(wide)), "cpu"), load_latent_stats(str(tmp_path / "s4.pt")))
+    with pytest.raises(UserError, match="expected a latents folder or a torch file"):
+        load_latent_stats(str(tmp_path / "missing.pt"))
+    with pytest.raises(UserError, match="std > 0"):
+        torch.save({"mean": torch.zeros(4), "std": torch.zeros(4)}, tmp_path / "z.pt")
+        load_latent_stats(str(tmp_path / "z.pt"))
+    assert not (tmp_path / "o").exists()

@@ -12,12 +12,12 @@ from opendit.program import run_main
 
 
 def cmd_models(args) -> int:
-    from opendit.models import DiT_models, PUBLISHED_MODELS, model_config
+    from opendit.models import LIGHTNING_NAMES, DiT_models, PUBLISHED_MODELS, model_config
 
     if args.image_size % args.vae_downsample:
         raise UserError(f"--image_size {args.image_size} is not divisible by --vae_downsample {args.vae_downsample}")
     side = args.image_size // args.vae_downsample
-    print(f"{'model':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>10}  (input {side}x{side}x{args.in_channels})")
+    print(f"{'model':<19} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'tokens':>6} {'params':>10}  (input {side}x{side}x{args.in_channels})")
     for name in DiT_models:
         cfg = model_config(name)
         if side % cfg["patch_size"]:
@@ -25,8 +25,9 @@ def cmd_models(args) -> int:
         with torch.device("meta"):
             m = DiT_models[name](input_size=side, in_channels=args.in_channels, num_classes=args.num_classes)
         n = sum(v.numel() for v in m.state_dict().values())
-        tag = "" if name in PUBLISHED_MODELS else "  (extra: CPU-sized)"
-        print(f"{name:<10} {cfg['depth']:>5} {cfg['hidden_size']:>6} {cfg['num_heads']:>5} {cfg['patch_size']:>5} "
+        tag = ("" if name in PUBLISHED_MODELS else "  (LightningDiT's name; block options are flags)"
+               if name in LIGHTNING_NAMES else "  (extra: patch 1)" if cfg["patch_size"] == 1 else "  (extra: CPU-sized)")
+        print(f"{name:<19} {cfg['depth']:>5} {cfg['hidden_size']:>6} {cfg['num_heads']:>5} {cfg['patch_size']:>5} "
               f"{m.x_embedder.num_patches:>6} {n / 1e6:>9.2f}M{tag}")
     return 0
 

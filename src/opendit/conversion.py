@@ -135,6 +135,9 @@ def diffusers_config(sd: dict, num_heads: int | None) -> tuple[dict, int]:
         c = config_from_state_dict(sd)
     except ValueError as e:
         raise UserError(f"the source is {e}") from None
+    if used := [k for k, on in c["options"].items() if on]:
+        raise UserError(f"diffusers' DiTTransformer2DModel has no {', '.join(used)}: a model with the LightningDiT block "
+                        f"options converts to .pt or .safetensors only")
     heads = num_heads or c["num_heads"]
     if not heads:
         raise UserError(f"cannot tell the number of attention heads of a width-{c['hidden_size']} DiT; pass --num_heads")

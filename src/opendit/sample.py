@@ -62,6 +62,10 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     a("--clip_denoised", default="auto", choices=["auto", "yes", "no"],
       help="clamp the x0 prediction to [-1, 1]; auto: yes in pixel space, no in latent space (as published)")
     a("--vae", default="auto", help="auto (from the run or the image size), ema, mse, none, or a diffusers AutoencoderKL folder")
+    a("--latent_stats", default=None,
+      help="per-channel latent statistics of a model trained on normalized latents (default: the run's config.json): "
+           "a latents folder, or a torch file with 'mean' and 'std' (LightningDiT's latents_stats.pt)")
+    a("--latent_multiplier", type=POSITIVE_FLOAT, default=None, help="with --latent_stats (default: the run's, or 1)")
     a("--mixed_precision", default="fp32", choices=list(PRECISIONS))
     a("--enable_flashattn", action="store_true")
     a("--seed", type=SEED, default=0)

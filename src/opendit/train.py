@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 
 from .alignment import add_alignment_flags
-from .errors import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, ArgumentParser, int_flag
+from .errors import (NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, ArgumentParser, float_flag,
+                     int_flag)
 from .objectives import add_objective_flags
 from .parallelize import PLUGINS
 from .precision import PRECISIONS
@@ -40,6 +41,7 @@ def build_parser() -> ArgumentParser:
     a("--lr_schedule", default="constant", choices=["constant", "cosine"],
       help="constant (the published recipe) or cosine decay to 0 at the last step")
     a("--warmup_steps", type=NONNEG_INT, default=0, help="linear learning-rate warmup from 0")
+    a("--adam_beta2", type=float_flag(0.0, 0.9999), default=0.999, help="AdamW's beta2 (0.999 as DiT; LightningDiT: 0.95)")
     a("--grad_clip", type=NONNEG_FLOAT, default=1.0, help="max global gradient norm; 0 = off")
     a("--ema_decay", type=UNIT_FLOAT, default=0.9999)
     a("--global_seed", type=SEED, default=0)
@@ -71,7 +73,18 @@ def build_parser() -> ArgumentParser:
     a("--enable_layernorm_kernel", action="store_true", help="Triton LayerNorm (CUDA)")
     a("--enable_modulate_kernel", action="store_true", help="Triton LayerNorm fused with the adaLN modulation (CUDA)")
     a("--compile", action="store_true", help="torch.compile each transformer block")
+    # block options of the LightningDiT lineage (names as there); each off by default = the published DiT
+    a("--use_rmsnorm", action="store_true", help="RMSNorm (learnable weight) in place of the blocks' LayerNorm")
+    a("--use_swiglu", action="store_true", help="SwiGLU feed-forward (hidden width 2/3 of the MLP's)")
+    a("--use_rope", action="store_true", help="2-D rotary position embedding of queries and keys")
+    a("--use_qknorm", action="store_true", help="per-head norm of queries and keys (RMSNorm with --use_rmsnorm)")
+    a("--wo_shift", action="store_true", help="adaLN modulation without the shift terms")
+    a("--wo_pos_embed", action="store_true", help="no absolute sin-cos position embedding (needs --use_rope)")
     a("--vae", default="auto", help="auto (pixels up to 64 px, else ema), ema, mse, none, or a diffusers AutoencoderKL folder")
+    a("--latent_norm", action="store_true",
+      help="--dataset latents: normalize the latents per channel, (z - mean) / std with the data set's statistics "
+           "(LightningDiT's latent_norm), instead of scaling them by the VAE's factor")
+    a("--latent_multiplier", type=POSITIVE_FLOAT, default=1.0, help="with --latent_norm: times this (default 1)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--final_samples", type=NONNEG_INT, default=0, help="after training, write samples.png with this many EMA samples per class")
     a("--final_cfg_scale", type=NONNEG_FLOAT, default=4.0, help="guidance scale of that grid")

@@ -1,6 +1,9 @@
 """Latent space through Stable Diffusion's VAE (diffusers.AutoencoderKL), an optional extra.
 
 latents = posterior sample * scaling_factor (0.18215 for the SD VAEs); images = decode(latents / scaling_factor).
+Or, with a per-channel latent normalization (LightningDiT's ``latent_norm``, for VAEs such as VA-VAE whose channels
+differ in scale): latents = (posterior sample - mean_c) / std_c * multiplier, the statistics of the data set's latents.
+Any channel count works; the VAE's config says it.
 """
 
 from __future__ import annotations
@@ -72,3 +75,81 @@ def load_vae(name: str, device, dtype=torch.float32) -> LatentCodec:
     reason = str(last).strip().splitlines()[0] if last else "unknown error"
     raise UserError(f"cannot load the VAE {name!r} ({reason[:200]}); offline, download it where you have a network "
                     f"and pass --vae PATH (a diffusers AutoencoderKL folder), or use --vae none for pixel space")
+
+
+class LatentNorm:
+    """Per-channel normalization of unscaled latents: (z - mean) / std * multiplier, and back."""
+
+    def __init__(self, mean, std, multiplier: float = 1.0, source: str = ""):
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        self.multiplier, self.source = float(multiplier), source
+        if self.mean.shape != self.std.shape or not torch.isfinite(self.mean).all() or not (self.std > 0).all():
+            raise UserError(f"latent statistics {source}: mean and std must be finite, of one length, std > 0")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def _shape(self, z: torch.Tensor):
+        return self.mean.to(z.device, z.dtype).view(1, -1, 1, 1), self.std.to(z.device, z.dtype).view(1, -1, 1, 1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._shape(z)
+        return (z - mean) / std * self.multiplier
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._shape(x)
+        return x / self.multiplier * std + mean
+
+    def record(self) -> dict:
+        """What a run's config.json keeps, so that sampling needs neither the latents nor the statistics file."""
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "multiplier": self.multiplier}
+
+    @classmethod
+    def from_record(cls, rec: dict, source: str) -> "LatentNorm":
+        return cls(rec["mean"], rec["std"], rec.get("multiplier", 1.0), source)
+
+
+def load_latent_stats(path: str, multiplier: float = 1.0) -> LatentNorm:
+    """--latent_stats PATH: a latents folder (its index.json's statistics), or a torch file holding a dict with "mean"
+    and "std" (LightningDiT's ``latents_stats.pt``, shape (1, C, 1, 1)), read with weights_only=True."""
+    import json
+
+    index = os.path.join(path, "index.json") if os.path.isdir(path) else path
+    if path.endswith(".json") or os.path.isdir(path):
+        try:
+            with open(index) as f:
+                rec = json.load(f).get("latent_stats")
+        except (OSError, ValueError) as e:
+            raise UserError(f"--latent_stats {path}: unreadable ({e})") from None
+        if rec is None:
+            raise UserError(f"--latent_stats {path}: the index has no latent statistics (extract again to add them)")
+        return LatentNorm(rec["mean"], rec["std"], multiplier, path)
+    try:
+        rec = torch.load(path, map_location="cpu", weights_only=True)
+        return LatentNorm(rec["mean"], rec["std"], multiplier, path)
+    except UserError:
+        raise
+    except Exception as e:  # a missing file, not a torch file, no mean/std
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"--latent_stats {path}: expected a latents folder or a torch file with 'mean' and 'std' "
+                        f"({reason})") from None
+
+
+class NormalizedCodec:
+    """A codec (LatentCodec or PrecomputedLatents) whose latents are normalized per channel instead of scaled."""
+
+    def __init__(self, codec, norm: LatentNorm):
+        if norm.channels != codec.latent_channels:
+            raise UserError(f"latent statistics {norm.source} have {norm.channels} channels, the latents "
+                            f"{codec.latent_channels}")
+        self.codec, self.norm = codec, norm
+        self.latent_channels, self.downsample, self.name = codec.latent_channels, codec.downsample, codec.name
+        self.scale = codec.scale
+
+    def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm.normalize(self.codec.encode(x, eps) / self.scale)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(self.norm.denormalize(z) * self.scale)

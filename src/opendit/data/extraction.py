@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..preemption import ignore_in_worker
 from ..vae import VAE_NAMES, load_vae
 from .datasets import ImageFolder, build_dataset
-from .latents import FORMAT, INDEX, PARTS, feature_parts, shard_paths
+from .latents import FORMAT, INDEX, PARTS, feature_parts, latent_statistics, shard_paths
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
@@ -113,11 +113,14 @@ def extract(args) -> int:
         if missing:
             raise UserError(f"{len(missing)} shards are missing in {args.features_path} (e.g. {missing[0]}); run again")
         side = args.image_size // codec.downsample
+        files = [shard_paths(args.features_path, nm, ("mean", "std")) for nm in names]
+        stats = latent_statistics([np.load(f["mean"], mmap_mode="r") for f in files],
+                                  [np.load(f["std"], mmap_mode="r") for f in files])
         index = {"format": FORMAT, "vae": vae_name, "scaling_factor": codec.scale, "image_size": args.image_size,
                  "latent_shape": [codec.latent_channels, side, side], "dtype": args.dtype, "source": args.dataset,
                  "data_path": os.path.abspath(args.data_path), "num_images": n,
-                 "class_names": list(dataset.class_names), "encoders": encoder_index(args.features_path, names[0],
-                                                                                     encoder_names),
+                 "class_names": list(dataset.class_names), "latent_stats": stats,
+                 "encoders": encoder_index(args.features_path, names[0], encoder_names),
                  "shards": [{"name": nm, "count": min(args.shard_size, n - i * args.shard_size)} for i, nm in enumerate(names)]}
         write_text_atomic(os.path.join(args.features_path, INDEX), json.dumps(index, indent=1))
         print(f"wrote {n} images x 2 (unflipped, flipped) as {args.dtype} posteriors "

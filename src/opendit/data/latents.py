@@ -5,7 +5,8 @@ standard deviation (unscaled). Training then draws a fresh posterior sample ever
 the step's generator, exactly as with the VAE in the loop) and takes the flipped or unflipped posterior as the batch plan
 says, so an epoch over latents is statistically the same as an epoch over images, without the VAE's cost.
 
-    DIR/index.json                         format, VAE, scaling factor, image size, latent shape, classes, shards
+    DIR/index.json                         format, VAE, scaling factor, image size, latent shape, classes, shards,
+                                           latent_stats: per-channel mean and std of the latents (for --latent_norm)
     DIR/<shard>.mean.npy, <shard>.std.npy  (n, 2, C, h, w) float16/float32: [unflipped, flipped]
     DIR/<shard>.label.npy, <shard>.index.npy   (n,) int64: class, position in the source data set
     DIR/<shard>.repa-<k>.npy               optional (n, 2, T, d): encoder k's features of the image and of its flip
@@ -92,6 +93,7 @@ class LatentDataset:
         self.image_size = self.meta["image_size"]
         self.scale = float(self.meta["scaling_factor"])
         self.vae = self.meta["vae"]
+        self.stats = self.meta.get("latent_stats")  # {"mean": [C], "std": [C]} (unscaled) or None (older extractions)
         self.flip, self.name = True, "latents"
 
     def __len__(self) -> int:
@@ -120,6 +122,23 @@ class LatentDataset:
                 z[sel] = self._features[s][k][row[sel], side[sel]]
             out.append(torch.from_numpy(z))
         return out
+
+
+def latent_statistics(means: list[np.ndarray], stds: list[np.ndarray], chunk: int = 4096) -> dict:
+    """Per-channel mean and std of the latents z = mean + std * eps of every stored image (unflipped), exactly (the
+    mixture's moments: E z = E mean, E z^2 = E (mean^2 + std^2)), accumulated in float64 over shards of
+    (n, 2, C, h, w) arrays."""
+    total, s1, s2 = 0, 0.0, 0.0
+    for m, sd in zip(means, stds):
+        for lo in range(0, len(m), chunk):
+            mu = np.asarray(m[lo:lo + chunk, 0], dtype=np.float64)  # (b, C, h, w)
+            sg = np.asarray(sd[lo:lo + chunk, 0], dtype=np.float64)
+            s1 = s1 + mu.sum(axis=(0, 2, 3))
+            s2 = s2 + (mu * mu + sg * sg).sum(axis=(0, 2, 3))
+            total += mu.shape[0] * mu.shape[2] * mu.shape[3]
+    mean = s1 / total
+    std = np.sqrt(np.maximum(s2 / total - mean * mean, 0.0))
+    return {"mean": mean.tolist(), "std": std.tolist()}
 
 
 class PrecomputedLatents:

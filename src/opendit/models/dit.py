@@ -11,6 +11,17 @@ Shapes used in comments:
 Speed options are keyword arguments named after the training flags; the default path is
 plain PyTorch with ``F.scaled_dot_product_attention``. ``attention_impl="eager"`` is the
 explicit softmax(QK^T/sqrt(hd))V reference used in tests.
+
+Block options of the LightningDiT lineage, each off by default (off: the published DiT, bit for bit), with that
+lineage's keyword names and parameter names, so a LightningDiT state dict loads with ``strict=True`` too:
+    use_rmsnorm   RMSNorm (learnable weight, eps 1e-6) in place of the blocks' and final layer's LayerNorm
+    use_swiglu    SwiGLU feed-forward ``mlp.w12`` (D -> 2h), ``mlp.w3`` (h -> D), h = int(2/3 * mlp_ratio * D)
+    use_rope      2-D rotary embedding of q and k (``feat_rope``): half of each head rotates with the token's row,
+                  half with its column, frequencies 1/10000^(2i/(hd/2)), interleaved pairs (EVA-02's layout)
+    use_qknorm    per-head norm of q and k (``attn.q_norm`` / ``attn.k_norm``: RMSNorm with use_rmsnorm, else
+                  LayerNorm with affine weights, as published)
+    wo_shift      adaLN modulation without the shift terms (4 D modulation outputs per block, not 6)
+    wo_pos_embed  no absolute sin-cos embedding added (positions from RoPE alone; needs use_rope)
 """
 
 from __future__ import annotations
@@ -179,23 +190,94 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
         raise AttentionBackendError(f"--enable_flashattn: no flash or cuDNN attention kernel for this input ({e})") from e
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention; qkv laid out [q | k | v], then heads."""
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) over the last dimension (computed in fp32), times a learnable weight."""
 
-    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa"):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., d): each interleaved pair (a, b) becomes (-b, a), a 90-degree rotation of every pair."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def rope_2d_table(head_dim: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, hd) of the 2-D rotary embedding for an (h, w) token grid, tokens row-major: channels
+    [0, hd/2) rotate with the row index, [hd/2, hd) with the column index; in each half, pair i (channels 2i, 2i+1)
+    turns by position * 10000^(-2i/(hd/2)). The table of LightningDiT's (EVA-02's) ``VisionRotaryEmbeddingFast``."""
+    if head_dim % 4:
+        raise ValueError(f"use_rope needs a head dimension divisible by 4 (a pair per frequency in each of the two "
+                         f"axes), got {head_dim}")
+    half = head_dim // 2
+    freqs = 1.0 / 10000 ** (torch.arange(0, half, 2).float() / half)  # (hd/4,)
+    h, w = grid
+    rows = torch.outer(torch.arange(h).float(), freqs).repeat_interleave(2, dim=-1)  # (h, hd/2)
+    cols = torch.outer(torch.arange(w).float(), freqs).repeat_interleave(2, dim=-1)  # (w, hd/2)
+    angles = torch.cat([rows[:, None, :].expand(h, w, half), cols[None, :, :].expand(h, w, half)], dim=-1)
+    angles = angles.reshape(h * w, head_dim)
+    return angles.cos(), angles.sin()
+
+
+class RotaryEmbedding2D(nn.Module):
+    """2-D RoPE for q or k (N, nh, T, hd): x * cos + rotate_pairs(x) * sin, in fp32. The tables are (persistent)
+    buffers ``freqs_cos`` / ``freqs_sin`` as in the published LightningDiT state dicts."""
+
+    def __init__(self, head_dim: int, grid: tuple[int, int]):
+        super().__init__()
+        cos, sin = rope_2d_table(head_dim, grid)
+        self.register_buffer("freqs_cos", cos)
+        self.register_buffer("freqs_sin", sin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The standalone form (LightningDiT's ``feat_rope(q)``); the blocks take the tables themselves."""
+        return apply_rope(x, (self.freqs_cos, self.freqs_sin))
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate q or k (N, nh, T, hd) by the (cos, sin) tables (T, hd); computed in fp32, returned in x's dtype."""
+    cos, sin = rope
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dtype)
+    return (xf * cos.to(dtype) + rotate_pairs(xf) * sin.to(dtype)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; qkv laid out [q | k | v], then heads. Optionally q and k normalized per head
+    (``qk_norm``: "rmsnorm" or "layernorm") and rotated by a 2-D RoPE (``forward(x, rope)``)."""
+
+    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa", qk_norm: str | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        if qk_norm is not None:  # LightningDiT's: RMSNorm with use_rmsnorm, else a LayerNorm with affine weights
+            norm = partial(RMSNorm, eps=1e-6) if qk_norm == "rmsnorm" else nn.LayerNorm
+            self.q_norm, self.k_norm = norm(self.head_dim), norm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
         self.proj = nn.Linear(dim, dim, bias=True)
         self.impl = impl
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, nh, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.q_norm is not None or rope is not None:
+            q, k = q.to(v.dtype), k.to(v.dtype)  # a norm's fp32 weight promotes; the attention kernels want one dtype
         if self.impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
         elif self.impl == "eager":
@@ -218,16 +300,42 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per-sample affine modulation: (N, T, D), (N, D), (N, D) -> x * (1 + scale) + shift."""
+class SwiGLU(nn.Module):
+    """Gated feed-forward: w3(silu(a) * b) with [a | b] = w12(x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=True)
+        self.w3 = nn.Linear(hidden_dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """The published SwiGLU width: 2/3 of the GELU MLP's, so the two have about the same parameters and FLOPs."""
+    return int(2 / 3 * int(dim * mlp_ratio))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """Per-sample affine modulation: (N, T, D), (N, D) or None, (N, D) -> x * (1 + scale) + shift."""
+    if shift is None:
+        return x * (1 + scale.unsqueeze(1))
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 NORM_IMPLS = ("torch", "layernorm_kernel", "modulate_kernel")
+RMSNORM_KERNEL_PROBLEM = ("--enable_layernorm_kernel / --enable_modulate_kernel are Triton LayerNorm kernels; with "
+                          "--use_rmsnorm use --compile instead (Inductor fuses RMSNorm with the modulation)")
 
 
-def norm_and_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, impl: str) -> torch.Tensor:
-    """modulate(norm(x), shift, scale) through torch, the Triton LayerNorm, or the fused Triton LayerNorm+modulate."""
+def norm_and_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor,
+                      impl: str) -> torch.Tensor:
+    """modulate(norm(x), shift, scale) through torch, the Triton LayerNorm, or the fused Triton LayerNorm+modulate
+    (the kernels implement LayerNorm only: ``DiT.set_norm_impl`` refuses them for an RMSNorm model)."""
+    if shift is None and impl != "torch":
+        shift = torch.zeros_like(scale)
     if impl == "modulate_kernel":
         from ..kernels import norm_modulate
 
@@ -239,21 +347,42 @@ def norm_and_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, 
     return modulate(norm(x), shift, scale)
 
 
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning on c (N, D)."""
+def block_norm(hidden_size: int, use_rmsnorm: bool) -> nn.Module:
+    """The pre-modulation norm: DiT's LayerNorm without affine weights, or LightningDiT's RMSNorm with a weight."""
+    if use_rmsnorm:
+        return RMSNorm(hidden_size, eps=1e-6)
+    return nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attention_impl: str = "sdpa"):
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning on c (N, D); the block options are DiT's keyword arguments."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attention_impl: str = "sdpa", *,
+                 use_rmsnorm: bool = False, use_swiglu: bool = False, use_qknorm: bool = False,
+                 wo_shift: bool = False):
         super().__init__()
         self.norm_impl = "torch"
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, impl=attention_impl)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.wo_shift = wo_shift
+        self.norm1 = block_norm(hidden_size, use_rmsnorm)
+        qk_norm = ("rmsnorm" if use_rmsnorm else "layernorm") if use_qknorm else None
+        self.attn = Attention(hidden_size, num_heads, impl=attention_impl, qk_norm=qk_norm)
+        self.norm2 = block_norm(hidden_size, use_rmsnorm)
+        if use_swiglu:
+            self.mlp = SwiGLU(hidden_size, swiglu_hidden(hidden_size, mlp_ratio))
+        else:
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        n_mod = 4 if wo_shift else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, n_mod * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = self.residual(x, gate_msa, self.attn(norm_and_modulate(self.norm1, x, shift_msa, scale_msa, self.norm_impl)))
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = self.residual(x, gate_msa, self.attn(norm_and_modulate(self.norm1, x, shift_msa, scale_msa, self.norm_impl),
+                                                 rope))
         x = self.residual(x, gate_mlp, self.mlp(norm_and_modulate(self.norm2, x, shift_mlp, scale_mlp, self.norm_impl)))
         return x
 
@@ -267,11 +396,11 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and a linear map to p*p*out_channels per token."""
+    """adaLN-modulated LayerNorm (or RMSNorm) and a linear map to p*p*out_channels per token."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = False):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = block_norm(hidden_size, use_rmsnorm)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
         self.norm_impl = "torch"
@@ -305,8 +434,16 @@ class DiT(nn.Module):
         enable_layernorm_kernel: bool = False,
         enable_modulate_kernel: bool = False,
         attention_impl: str | None = None,
+        use_rmsnorm: bool = False,
+        use_swiglu: bool = False,
+        use_rope: bool = False,
+        use_qknorm: bool = False,
+        wo_shift: bool = False,
+        wo_pos_embed: bool = False,
     ):
         super().__init__()
+        if wo_pos_embed and not use_rope:
+            raise ValueError("wo_pos_embed drops the only position information unless use_rope is on")
         if attention_impl is None:
             attention_impl = "flash" if enable_flashattn else "sdpa"
         if attention_impl not in ATTENTION_IMPLS:
@@ -319,17 +456,24 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.num_heads = num_heads
         self.hidden_size = hidden_size
+        self.mlp_ratio = mlp_ratio
         self.grad_checkpoint = False
+        self.options = dict(use_rmsnorm=bool(use_rmsnorm), use_swiglu=bool(use_swiglu), use_rope=bool(use_rope),
+                            use_qknorm=bool(use_qknorm), wo_shift=bool(wo_shift), wo_pos_embed=bool(wo_pos_embed))
 
         self.x_embedder = PatchEmbed(self.input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos table; a (frozen) Parameter so that it is part of the published state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, attention_impl=attention_impl) for _ in range(depth)]
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        if use_rope:  # the head dimension must hold a rotated pair per frequency on each axis
+            self.feat_rope = RotaryEmbedding2D(hidden_size // num_heads, self.x_embedder.grid_size)
+        else:
+            self.feat_rope = None
+        block_options = dict(use_rmsnorm=use_rmsnorm, use_swiglu=use_swiglu, use_qknorm=use_qknorm, wo_shift=wo_shift)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, attention_impl=attention_impl,
+                                              **block_options) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm=use_rmsnorm)
         self.initialize_weights()
         # the speed switches, as a convenience: the same setters opendit.parallelize applies from outside
         self.set_grad_checkpoint(grad_checkpoint)
@@ -360,6 +504,8 @@ class DiT(nn.Module):
         and the fused gated residual)."""
         if impl not in NORM_IMPLS:
             raise ValueError(f"unknown norm implementation {impl!r}; choose from {NORM_IMPLS}")
+        if impl != "torch" and self.options["use_rmsnorm"]:
+            raise ValueError(RMSNORM_KERNEL_PROBLEM)
         for m in [*self.blocks, self.final_layer]:
             m.norm_impl = impl
         return self
@@ -403,12 +549,15 @@ class DiT(nn.Module):
         random class dropout of training mode (a trainer passes it to control the randomness itself).
         ``return_hidden``: block numbers k (1 = the first block) whose output tokens (N, T, D) are wanted too (for
         auxiliary losses); then the result is (output, {k: tokens})."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D); fp32 residual stream under autocast
+        x = self.x_embedder(x)  # (N, T, D); fp32 residual stream under autocast
+        if not self.options["wo_pos_embed"]:
+            x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        rope = (self.feat_rope.freqs_cos, self.feat_rope.freqs_sin) if self.feat_rope is not None else None
         use_ckpt = self.grad_checkpoint and torch.is_grad_enabled()
         hidden = {}
         for k, block in enumerate(self.blocks, start=1):
-            x = checkpoint(block, x, c, use_reentrant=False) if use_ckpt else block(x, c)
+            x = checkpoint(block, x, c, rope, use_reentrant=False) if use_ckpt else block(x, c, rope)
             if k in return_hidden:
                 hidden[k] = x
         x = self.final_layer(x, c)  # (N, T, p*p*out_C)
@@ -440,7 +589,7 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------- registry
 
 # name: (depth, hidden_size, num_heads). S/B/L/XL are the published family; T (tiny, DeiT-Ti
-# width) and N (nano) are extra small configs for CPU runs and tests.
+# width) and N (nano) are extra small configs for CPU runs and tests; 1p0B and 1p6B are LightningDiT's larger sizes.
 DIT_SIZES = {
     "XL": (28, 1152, 16),
     "L": (24, 1024, 16),
@@ -448,18 +597,45 @@ DIT_SIZES = {
     "S": (12, 384, 6),
     "T": (12, 192, 3),
     "N": (4, 128, 4),
+    "1p0B": (24, 1536, 24),
+    "1p6B": (28, 1792, 28),
 }
+# LightningDiT's registry names: the same structure (patch 1 or 2); as in that code, a name implies no block option
+LIGHTNING_NAMES = tuple(f"LightningDiT-{s}/{p}" for s in ("XL", "L", "B", "1p0B", "1p6B") for p in (1, 2))
+BLOCK_OPTIONS = ("use_rmsnorm", "use_swiglu", "use_rope", "use_qknorm", "wo_shift", "wo_pos_embed")
+
+
+def block_options_problem(options: dict, hidden_size: int, num_heads: int, norm_impl: str = "torch") -> str | None:
+    """Why these block options cannot build a model of this width (one line for the programs), or None."""
+    if unknown := sorted(set(options) - set(BLOCK_OPTIONS)):
+        return f"unknown block option {unknown[0]!r}; choose from {', '.join(BLOCK_OPTIONS)}"
+    if options.get("wo_pos_embed") and not options.get("use_rope"):
+        return "--wo_pos_embed drops the absolute position embedding, the only position information without --use_rope"
+    head_dim = hidden_size // num_heads
+    if options.get("use_rope") and head_dim % 4:
+        return (f"--use_rope rotates pairs of channels on two axes, so the head dimension must be divisible by 4; "
+                f"{hidden_size} / {num_heads} heads = {head_dim}")
+    if options.get("use_rmsnorm") and norm_impl != "torch":
+        return RMSNORM_KERNEL_PROBLEM
+    return None
 
 
 def _make(depth: int, hidden_size: int, num_heads: int, patch_size: int, **kwargs) -> DiT:
     return DiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
 
 
+def _split_name(name: str) -> tuple[str, int]:
+    size, p = name.split("-", 1)[1].split("/")
+    return size, int(p)
+
+
 DiT_models = {
     f"DiT-{size}/{p}": partial(_make, *DIT_SIZES[size], p)
     for size in ("XL", "L", "B", "S", "T", "N")
-    for p in (2, 4, 8)
+    for p in (1, 2, 4, 8)
 }
+DiT_models.update({name: partial(_make, *DIT_SIZES[_split_name(name)[0]], _split_name(name)[1])
+                   for name in LIGHTNING_NAMES})
 PUBLISHED_MODELS = tuple(f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8))
 
 
@@ -467,14 +643,33 @@ def model_config(name: str) -> dict:
     """depth, hidden_size, num_heads and patch_size of a registered config."""
     if name not in DiT_models:
         raise KeyError(f"unknown model {name!r}; choose from {', '.join(DiT_models)}")
-    size, p = name[len("DiT-"):].split("/")
+    size, p = _split_name(name)
     depth, hidden, heads = DIT_SIZES[size]
-    return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(p)}
+    return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": p}
+
+
+def block_options_from_state_dict(sd: dict, hidden: int) -> dict:
+    """The block options a state dict's keys and shapes show (``wo_pos_embed`` is not in the weights: False)."""
+    mod = sd.get("blocks.0.adaLN_modulation.1.weight")
+    return {"use_rmsnorm": "final_layer.norm_final.weight" in sd, "use_swiglu": "blocks.0.mlp.w12.weight" in sd,
+            "use_rope": "feat_rope.freqs_cos" in sd, "use_qknorm": "blocks.0.attn.q_norm.weight" in sd,
+            "wo_shift": mod is not None and mod.shape[0] == 4 * hidden, "wo_pos_embed": False}
+
+
+def _mlp_ratio(sd: dict, hidden: int, swiglu: bool) -> float:
+    if not swiglu:
+        return sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in sd else 4.0
+    width = sd["blocks.0.mlp.w3.weight"].shape[1]  # int(2/3 * int(hidden * ratio)): try 4 (published), then others
+    for ratio in (4.0, *(k / 8 for k in range(1, 129))):
+        if swiglu_hidden(hidden, ratio) == width:
+            return ratio
+    raise ValueError(f"a SwiGLU width of {width} matches no MLP ratio for hidden size {hidden}")
 
 
 def config_from_state_dict(sd: dict) -> dict:
     """What a DiT state dict determines: patch size, input channels, width, depth, classes, token count,
-    learn_sigma, and the registry name when one matches. Raises ValueError if it is not a DiT state dict."""
+    learn_sigma, the block options, and the registry name when one matches. Raises ValueError if it is not a DiT
+    state dict."""
     need = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
     missing = [k for k in need if k not in sd]
     if missing:
@@ -482,14 +677,18 @@ def config_from_state_dict(sd: dict) -> dict:
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    options = block_options_from_state_dict(sd, int(hidden))
     cfg = {
         "patch_size": int(patch), "in_channels": int(in_channels), "hidden_size": int(hidden), "depth": depth,
         "num_classes": int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1,  # the last row is the null class
         "num_tokens": int(sd["pos_embed"].shape[1]), "learn_sigma": out == 2 * in_channels,
-        "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden if depth else 4.0,
+        "mlp_ratio": _mlp_ratio(sd, int(hidden), options["use_swiglu"]) if depth else 4.0, "options": options,
     }
     cfg["name"] = next((f"DiT-{s}/{patch}" for s, (d, h, _) in DIT_SIZES.items()
                         if d == depth and h == hidden and f"DiT-{s}/{patch}" in DiT_models), None)
+    if cfg["name"] is None:
+        cfg["name"] = next((f"LightningDiT-{s}/{patch}" for s, (d, h, _) in DIT_SIZES.items()
+                            if d == depth and h == hidden and f"LightningDiT-{s}/{patch}" in DiT_models), None)
     heads = {h: nh for d, h, nh in DIT_SIZES.values()}
     cfg["num_heads"] = heads.get(int(hidden))
     return cfg

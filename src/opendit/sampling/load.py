@@ -18,7 +18,7 @@ from ..objectives import FLOW_SETTINGS, build_objective, objective_name
 from ..parallelize import ModelOptions, check_model_options
 from ..space import Space, sampling_space
 from ..training.checkpoint import load_into, load_weights
-from ..vae import resolve_vae
+from ..vae import LatentNorm, load_latent_stats, resolve_vae
 
 
 @dataclass
@@ -72,6 +72,24 @@ def _vae_name(args, run_cfg: dict | None, cfg: dict, image_size: int | None) -> 
     return resolve_vae("ema", 0) if cfg["in_channels"] == 4 else None  # the published checkpoints: SD-VAE latents
 
 
+def latent_norm(args, run_cfg: dict | None) -> LatentNorm | None:
+    """The per-channel latent normalization the model was trained with: --latent_stats, else the run's record."""
+    run = (run_cfg or {}).get("latent_stats")
+    multiplier = getattr(args, "latent_multiplier", None)
+    if getattr(args, "latent_stats", None):
+        return load_latent_stats(args.latent_stats, multiplier if multiplier is not None else
+                                 (run or {}).get("multiplier", 1.0))
+    if multiplier is not None:
+        raise UserError("--latent_multiplier goes with --latent_stats")
+    return LatentNorm.from_record(run, "of the run's config.json") if run else None
+
+
+def block_options(run_cfg: dict | None, cfg: dict) -> dict:
+    """The block options: what the weights show (RMSNorm, SwiGLU, RoPE, QK-norm, no shift), and from the run's
+    config.json what they cannot (no absolute position embedding)."""
+    return dict(cfg["options"], wo_pos_embed=bool((run_cfg or {}).get("wo_pos_embed", False)))
+
+
 def load_for_sampling(args, device, precision=None) -> Loaded:
     """Build the model a checkpoint describes (``args``: the sampling programs' model flags), check the flags against
     it and against this machine, and load the weights."""
@@ -87,11 +105,11 @@ def load_for_sampling(args, device, precision=None) -> Loaded:
     check_model_options(options, device, precision)
     image_size = args.image_size or (run_cfg or {}).get("image_size")
     space = sampling_space(_vae_name(args, run_cfg, cfg, image_size), _input_size(run_cfg, cfg), cfg["in_channels"],
-                           cfg["patch_size"], device, image_size=image_size)
+                           cfg["patch_size"], device, image_size=image_size, norm=latent_norm(args, run_cfg))
     model = DiT(input_size=space.input_size, patch_size=cfg["patch_size"], in_channels=cfg["in_channels"],
                 hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=model_config(name)["num_heads"],
                 mlp_ratio=cfg["mlp_ratio"], class_dropout_prob=0.1, num_classes=cfg["num_classes"],
-                learn_sigma=cfg["learn_sigma"])
+                learn_sigma=cfg["learn_sigma"], **block_options(run_cfg, cfg))
     load_into(model, sd, f"--ckpt {source}")
     objective, note = resolve_objective(args, run_cfg, sd, cfg, source)
     model = model.to(device).eval().set_attention_impl(options.attention)

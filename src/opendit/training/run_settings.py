@@ -3,7 +3,8 @@
 A run directory keeps the settings it was started with (``config.json``, never rewritten) and one line per session
 in ``history.jsonl``: its command line, the checkpoint it resumed from, and the settings it changed. On resume:
 
-- settings that define the run (``DEFINING``: seed, model, data set, image size, VAE, number of classes, objective
+- settings that define the run (``DEFINING``: seed, model and its block options, AdamW's beta2 (the
+  optimizer state keeps it), data set, image size, VAE, number of classes, objective
   and the flow's settings, REPA's encoders and projectors, and the global batch) come from the run; a different value
   on the command line is an error;
 - settings that may change (``CHANGEABLE``: learning rate and schedule, step budget, logging, checkpoint cadence,
@@ -27,7 +28,8 @@ HISTORY_FILE = "history.jsonl"
 # the global batch (per-process batch x processes) defines the run too; it is handled on its own
 DEFINING = ("model", "dataset", "image_size", "vae", "global_seed", "num_classes", "objective", "path_type",
             "prediction", "loss_weight", "train_eps", "sample_eps", "time_sampling", "time_mean", "time_std",
-            "cosine_loss", "repa_encoder", "repa_depth", "repa_projector_dim")
+            "cosine_loss", "repa_encoder", "repa_depth", "repa_projector_dim", "use_rmsnorm", "use_swiglu", "use_rope",
+            "use_qknorm", "wo_shift", "wo_pos_embed", "latent_norm", "latent_multiplier", "adam_beta2")
 CHANGEABLE = ("lr", "lr_schedule", "warmup_steps", "max_steps", "epochs", "grad_clip", "ema_decay", "log_every",
               "ckpt_every", "ckpt_keep", "max_bad_steps", "on_bad_image", "eval_every", "eval_samples",
               "eval_cfg_scale", "eval_features", "eval_reference", "final_samples", "final_cfg_scale",

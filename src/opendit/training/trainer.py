@@ -24,7 +24,7 @@ from ..data import GlobalBatchPlan, build_dataset, default_image_size, plan_batc
 from ..data.latents import LatentDataset
 from ..errors import TrainingFailed, UserError
 from ..flops import dit_train_flops_per_image, model_cost_config
-from ..models import AttentionBackendError, DiT_models
+from ..models import BLOCK_OPTIONS, AttentionBackendError, DiT, DiT_models, block_options_problem, model_config
 from ..objectives import FLOW_SETTINGS, build_objective, describe_objective, objective_settings
 from ..parallelize import ModelOptions, check_model_options, parallelize_dit
 from ..precision import Precision
@@ -64,11 +64,11 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         check_model_options(options, env.device, precision)
 
         # --- model, parallelism, EMA, optimizer, objective
-        model = build_model(args.model, space, dataset.num_classes, args.global_seed, env.device)
+        model = build_model(args.model, space, dataset.num_classes, args.global_seed, env.device, block_options(args))
         alignment = setup_alignment(args, model, dataset, env.device)  # REPA: encoders, projectors on the model
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         train_model = parallelize_dit(model, options, env, precision)  # zero2 / fsdp: sharded in place
-        opt = build_optimizer(model, args.lr, env.device)
+        opt = build_optimizer(model, args.lr, env.device, getattr(args, "adam_beta2", 0.999))
         objective = build_objective(vars(args))  # the diffusion or a flow (opendit.transport)
         class_dropout = model.y_embedder.dropout_prob
 
@@ -104,7 +104,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
 
         def ema_model():  # a fresh plain model holding the EMA weights, on rank 0 (collective)
             ema_state = ema.state_dict(env)
-            return sampling_model(args.model, space, dataset.num_classes, options, ema_state, env) if env.is_main else None
+            return sampling_model(model, options, ema_state, env) if env.is_main else None
 
         # --- the loop: each step draws its randomness from (seed, step), takes one optimizer step (or skips a bad
         # one on every rank), logs, checkpoints and evaluates on schedule
@@ -191,6 +191,12 @@ def validate(args, given: set[str] | None = None) -> None:
             raise UserError(f"--{flow_only[0]} is a setting of the flow objective; add --objective flow (the run's "
                             f"objective is {getattr(args, 'objective', 'diffusion')})")
     check_alignment_flags(args, given)
+    cfg = model_config(args.model)
+    if problem := block_options_problem(block_options(args), cfg["hidden_size"], cfg["num_heads"],
+                                        ModelOptions.from_flags(args).norm):
+        raise UserError(problem)
+    if given is not None and "latent_multiplier" in given and not getattr(args, "latent_norm", False):
+        raise UserError("--latent_multiplier scales the normalized latents; add --latent_norm")
     if given is not None and getattr(args, "time_sampling", None) != "logit_normal":
         if unused := [k for k in ("time_mean", "time_std") if k in given]:
             raise UserError(f"--{unused[0]} sets the logit-normal t; add --time_sampling logit_normal")
@@ -213,20 +219,31 @@ def load_data(args, global_batch: int, device, resume) -> tuple[object, Space]:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch ({global_batch})")
     latents = dataset if args.dataset == "latents" else None
     space = training_space(args.vae, image_size, dataset.channels, device, saved=resume.saved,
-                           run_dir=resume.run_dir, latents=latents)
+                           run_dir=resume.run_dir, latents=latents,
+                           norm_multiplier=args.latent_multiplier if getattr(args, "latent_norm", False) else None)
     return dataset, space
 
 
-def build_model(name: str, space: Space, num_classes: int, seed: int, device):
+def block_options(args) -> dict:
+    """The model's block options (``--use_rmsnorm`` ...; absent: off)."""
+    return {k: bool(getattr(args, k, False)) for k in BLOCK_OPTIONS}
+
+
+def build_model(name: str, space: Space, num_classes: int, seed: int, device, options: dict | None = None):
     """The plain DiT of a run, initialized from ``seed`` (identical initial weights on every rank)."""
     torch.manual_seed(seed)
-    model = DiT_models[name](input_size=space.input_size[0], in_channels=space.channels, num_classes=num_classes)
+    model = DiT_models[name](input_size=space.input_size[0], in_channels=space.channels, num_classes=num_classes,
+                             **(options or {}))
     return model.to(device)
 
 
-def sampling_model(name: str, space: Space, num_classes: int, options: ModelOptions, state: dict, env):
-    """A plain eval-mode DiT holding ``state`` (the EMA weights), with the run's attention backend."""
-    m = DiT_models[name](input_size=space.input_size[0], in_channels=space.channels, num_classes=num_classes)
+def sampling_model(trained, options: ModelOptions, state: dict, env):
+    """A plain eval-mode DiT of the trained model's build holding ``state`` (the EMA weights), with the run's
+    attention backend."""
+    m = DiT(input_size=trained.input_size, patch_size=trained.patch_size, in_channels=trained.in_channels,
+            hidden_size=trained.hidden_size, depth=len(trained.blocks), num_heads=trained.num_heads,
+            mlp_ratio=trained.mlp_ratio, class_dropout_prob=trained.y_embedder.dropout_prob,
+            num_classes=trained.num_classes, learn_sigma=trained.learn_sigma, **trained.options)
     m = m.to(env.device).eval().set_attention_impl(options.attention)
     m.load_state_dict(state)
     return m
@@ -236,7 +253,8 @@ def run_config(args, space: Space, dataset, world_size: int, global_batch: int, 
     """config.json: the settings the run was started with (never rewritten), the objective's resolved."""
     return dict(vars(args), image_size=space.image_size, num_classes=dataset.num_classes, input_size=space.input_size[0],
                 in_channels=space.channels, vae_resolved=space.vae_name, world_size=world_size,
-                global_batch=global_batch, class_names=list(dataset.class_names), **objective_settings(objective))
+                global_batch=global_batch, class_names=list(dataset.class_names), **objective_settings(objective),
+                latent_stats=space.latent_norm.record() if space.latent_norm is not None else None)
 
 
 def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state: TrainState, resume, command, *,
@@ -261,7 +279,9 @@ def describe_run(args, env, log, model, space: Space, dataset, batch_plan, globa
                  objective, alignment=None):
     n_params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith(NOT_AVERAGED))
     flops = dit_train_flops_per_image(**model_cost_config(model))
-    log.info(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {flops / 1e9:.2f} GFLOP per image per step; "
+    blocks = [k for k, on in model.options.items() if on]
+    log.info(f"{args.model}{' (' + ', '.join(blocks) + ')' if blocks else ''}: {n_params / 1e6:.2f}M trainable "
+             f"parameters, {flops / 1e9:.2f} GFLOP per image per step; "
              f"{space.describe()}; {args.dataset}: {len(dataset)} images, {dataset.num_classes} classes; global batch "
              f"{global_batch} ({env.world_size} x {args.batch_size}), {batch_plan.steps_per_epoch} steps/epoch; "
              f"{args.mixed_precision} on {env.device}, plugin {args.plugin}; objective {describe_objective(objective)}; "
