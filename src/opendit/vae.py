@@ -43,15 +43,21 @@ class LatentCodec:
         return dist.mean.float(), dist.std.float()
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """A posterior sample (with the given standard-normal ``eps``, or the mean when None), scaled."""
+    def sample(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """A posterior sample (with the given standard-normal ``eps``, or the mean when None), unscaled."""
         mean, std = self.posterior(x)
-        z = mean if eps is None else mean + std * eps.to(mean.dtype)
-        return z * self.scale
+        return mean if eps is None else mean + std * eps.to(mean.dtype)
+
+    def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's input: a posterior sample, scaled."""
+        return self.sample(x, eps) * self.scale
 
     @torch.no_grad()
+    def decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode((z / self.scale).to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        return self.decode_unscaled(z / self.scale)
 
 
 def load_vae(name: str, device, dtype=torch.float32) -> LatentCodec:
@@ -149,7 +155,7 @@ class NormalizedCodec:
         self.scale = codec.scale
 
     def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        return self.norm.normalize(self.codec.encode(x, eps) / self.scale)
+        return self.norm.normalize(self.codec.sample(x, eps))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(self.norm.denormalize(z) * self.scale)
+        return self.codec.decode_unscaled(self.norm.denormalize(z))

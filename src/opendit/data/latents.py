@@ -142,8 +142,8 @@ def latent_statistics(means: list[np.ndarray], stds: list[np.ndarray], chunk: in
 
 
 class PrecomputedLatents:
-    """The codec of a latents data set: ``encode`` turns a [mean, std] batch into a scaled posterior sample;
-    ``decode`` (for sample grids) needs the VAE, loaded on first use."""
+    """The codec of a latents data set: ``encode`` turns a [mean, std] batch into a scaled posterior sample (``sample``:
+    unscaled); ``decode`` (for sample grids) needs the VAE, loaded on first use."""
 
     def __init__(self, dataset: LatentDataset, device):
         self.dataset, self.device = dataset, device
@@ -153,14 +153,24 @@ class PrecomputedLatents:
         self.name = dataset.vae
         self._vae = None
 
-    def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """A posterior sample of a [mean, std] batch (the mean when ``eps`` is None), unscaled."""
         c = self.latent_channels
         mean, std = x[:, :c], x[:, c:]
-        return (mean if eps is None else mean + std * eps.to(mean.dtype)) * self.scale
+        return mean if eps is None else mean + std * eps.to(mean.dtype)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        return self.sample(x, eps) * self.scale
+
+    def vae(self):
         if self._vae is None:
             from ..vae import load_vae
 
             self._vae = load_vae(self.dataset.vae, self.device)
-        return self._vae.decode(z)
+        return self._vae
+
+    def decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae().decode_unscaled(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae().decode(z)

@@ -213,9 +213,7 @@ def rope_2d_table(head_dim: int, grid: tuple[int, int]) -> tuple[torch.Tensor, t
     """cos and sin (T, hd) of the 2-D rotary embedding for an (h, w) token grid, tokens row-major: channels
     [0, hd/2) rotate with the row index, [hd/2, hd) with the column index; in each half, pair i (channels 2i, 2i+1)
     turns by position * 10000^(-2i/(hd/2)). The table of LightningDiT's (EVA-02's) ``VisionRotaryEmbeddingFast``."""
-    if head_dim % 4:
-        raise ValueError(f"use_rope needs a head dimension divisible by 4 (a pair per frequency in each of the two "
-                         f"axes), got {head_dim}")
+    assert head_dim % 4 == 0, "a rotated pair per frequency on each of the two axes (block_options_problem says so)"
     half = head_dim // 2
     freqs = 1.0 / 10000 ** (torch.arange(0, half, 2).float() / half)  # (hd/4,)
     h, w = grid
@@ -442,8 +440,6 @@ class DiT(nn.Module):
         wo_pos_embed: bool = False,
     ):
         super().__init__()
-        if wo_pos_embed and not use_rope:
-            raise ValueError("wo_pos_embed drops the only position information unless use_rope is on")
         if attention_impl is None:
             attention_impl = "flash" if enable_flashattn else "sdpa"
         if attention_impl not in ATTENTION_IMPLS:
@@ -460,6 +456,8 @@ class DiT(nn.Module):
         self.grad_checkpoint = False
         self.options = dict(use_rmsnorm=bool(use_rmsnorm), use_swiglu=bool(use_swiglu), use_rope=bool(use_rope),
                             use_qknorm=bool(use_qknorm), wo_shift=bool(wo_shift), wo_pos_embed=bool(wo_pos_embed))
+        if problem := block_options_problem(self.options, hidden_size, num_heads):
+            raise ValueError(problem)
 
         self.x_embedder = PatchEmbed(self.input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
