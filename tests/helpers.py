@@ -87,6 +87,34 @@ def only_run_dir(outputs) -> str:
     return os.path.join(outputs, dirs[0])
 
 
+def run_cut_at_first_checkpoint(run_dir, tmp_path) -> str:
+    """A copy of a finished run holding only its first checkpoint and config.json (what an interrupted run leaves),
+    to resume and compare with the uninterrupted run."""
+    import shutil
+
+    from opendit.training.checkpoint import list_checkpoints
+
+    part = os.path.join(str(tmp_path), os.path.basename(run_dir))
+    os.makedirs(part)
+    first = list_checkpoints(run_dir)[0]
+    shutil.copytree(first, os.path.join(part, os.path.basename(first)))
+    shutil.copy(os.path.join(run_dir, "config.json"), os.path.join(part, "config.json"))
+    return part
+
+
+def perturbed(model, seed: int = 0, std: float = 0.05):
+    """Add noise to every trainable weight: at its adaLN-Zero init a DiT outputs exactly zero, which would make any
+    comparison of two forward paths vacuous."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
 def read_metrics(run_dir) -> dict:
     out = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:

@@ -6,13 +6,12 @@ training / resuming / sampling through the CLIs, zero2 on 2 processes against 1,
 import json
 import math
 import os
-import shutil
 import sys
 
 import pytest
 import torch
 
-from helpers import TINY, only_run_dir, read_metrics, run, run_train, REPO
+from helpers import TINY, only_run_dir, perturbed, read_metrics, run, run_cut_at_first_checkpoint, run_train, REPO
 from reference_lightningdit import lightningdit_xl1_shapes, reference_forward, rope_angle
 from opendit.models import BLOCK_OPTIONS, DiT, DiT_models, block_options_problem, config_from_state_dict
 from opendit.models.dit import RMSNorm, RotaryEmbedding2D, SwiGLU, apply_rope, rope_2d_table
@@ -22,15 +21,6 @@ SAMPLE_DDP = os.path.join(REPO, "scripts", "dit", "sample_ddp.py")
 SAMPLE_DIT = os.path.join(REPO, "scripts", "dit", "sample_dit.py")
 LIGHTNING = ["--use_rmsnorm", "--use_swiglu", "--use_rope", "--use_qknorm", "--wo_shift"]
 ALL_ON = dict(use_rmsnorm=True, use_swiglu=True, use_rope=True, use_qknorm=True, wo_shift=True)
-
-
-def perturbed(model, seed=0, std=0.05):
-    """Noise on every trainable weight (adaLN-Zero starts at an exact zero output: comparisons would be vacuous)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
 
 
 def small(**kw) -> DiT:
@@ -347,14 +337,10 @@ def test_zero2_with_options_equals_one_process(options_run, tmp_path):
 
 
 def test_options_resume_bit_for_bit_and_are_defining(options_run, tmp_path):
-    part = tmp_path / "000-DiT-N-2"
-    part.mkdir()
-    first = list_checkpoints(options_run)[0]
-    shutil.copytree(first, part / os.path.basename(first))
-    shutil.copy(os.path.join(options_run, "config.json"), part / "config.json")
-    r = run_train("--load", str(part), "--log_every", "1", "--device", "cpu")  # the options come with the run
+    part = run_cut_at_first_checkpoint(options_run, tmp_path)
+    r = run_train("--load", part, "--log_every", "1", "--device", "cpu")  # the options come with the run
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = read_metrics(options_run), read_metrics(str(part))
+    a, b = read_metrics(options_run), read_metrics(part)
     assert sorted(b) == [3, 4] and all(b[s]["loss"] == a[s]["loss"] for s in (3, 4))
     from opendit.errors import UserError
     from opendit.train import build_parser

@@ -25,7 +25,7 @@ from opendit.models import config_from_state_dict
 from opendit.train import build_parser as train_parser
 from opendit.training.checkpoint import list_checkpoints
 from opendit.transport import Sampler, create_transport
-from test_model import perturbed
+from helpers import perturbed
 
 FLOW = ["--objective", "flow"]
 

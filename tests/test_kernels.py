@@ -92,7 +92,7 @@ def test_gated_residual_matches_reference(B, T, D, dtype):
 
 
 def test_full_dit_with_kernels_matches_without():
-    from test_model import perturbed
+    from helpers import perturbed
 
     torch.manual_seed(0)
     ref = perturbed(DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4, num_classes=5))

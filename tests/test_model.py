@@ -12,18 +12,8 @@ from opendit.models import (
     sincos_2d,
     timestep_sinusoid,
 )
+from helpers import perturbed
 from reference_dit import reference_forward
-
-
-def perturbed(model: DiT, seed: int = 0, std: float = 0.05) -> DiT:
-    """Add noise to every trainable weight: at its adaLN-Zero init a DiT outputs exactly zero,
-    which would make any comparison of two forward paths vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
 
 
 def small_dit(**kw) -> DiT:

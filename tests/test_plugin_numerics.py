@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from opendit.models import DiT_models
 from opendit.parallelize import shard_model
-from test_model import perturbed
+from helpers import perturbed
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY, only_run_dir, read_metrics, run, run_train, REPO
+from helpers import TINY, only_run_dir, read_metrics, run, run_cut_at_first_checkpoint, run_train, REPO
 from reference_repa import naive_dinov2
 from opendit.alignment import PREFIX, RepaLoss, alignment_loss, attach_projectors, build_encoders, encode, match_grid
 from opendit.alignment import dinov2
@@ -174,14 +174,10 @@ def test_two_process_repa_equals_one_process(repa_run, tmp_path, plugin, extra):
 
 
 def test_repa_resume_continues_with_the_uninterrupted_losses(repa_run, tmp_path):
-    part = tmp_path / "000-DiT-N-2"
-    part.mkdir()
-    first = list_checkpoints(repa_run)[0]
-    shutil.copytree(first, part / os.path.basename(first))
-    shutil.copy(os.path.join(repa_run, "config.json"), part / "config.json")
-    r = run_train("--load", str(part), "--log_every", "1", "--device", "cpu")  # REPA's settings come with the run
+    part = run_cut_at_first_checkpoint(repa_run, tmp_path)
+    r = run_train("--load", part, "--log_every", "1", "--device", "cpu")  # REPA's settings come with the run
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = read_metrics(repa_run), read_metrics(str(part))
+    a, b = read_metrics(repa_run), read_metrics(part)
     assert sorted(b) == [3, 4]
     for s in (3, 4):
         assert (b[s]["loss"], b[s]["repa_loss"]) == (a[s]["loss"], a[s]["repa_loss"])

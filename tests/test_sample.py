@@ -15,7 +15,7 @@ from opendit.images import labelled_grid
 from opendit.models import DiT_models
 from opendit.sample import main as sample_main
 from opendit.sample_ddp import main as ddp_main
-from test_model import perturbed
+from helpers import perturbed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
