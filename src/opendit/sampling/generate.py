@@ -30,7 +30,8 @@ def guidance_time(objective, t: torch.Tensor) -> float:
 class GuidedModel:
     """The model a sampler calls with the doubled batch [x; x] and labels [y; null]: classifier-free guidance on the
     first ``guidance_channels`` output channels (``DiT.forward_with_cfg``) at the times inside ``interval`` (lo, hi)
-    (None: everywhere); outside it the conditional prediction alone, for both halves."""
+    (None: everywhere); outside it the conditional prediction alone, for both halves, from one forward of the
+    conditional half (half the compute of a guided step)."""
 
     def __init__(self, model: DiT, objective, cfg_scale: float, guidance_channels: int | None,
                  interval: tuple[float, float] | None):
@@ -46,8 +47,8 @@ class GuidedModel:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.guided_at(t):
             return self.model.forward_with_cfg(x, t, y, self.cfg_scale, guidance_channels=self.guidance_channels)
-        half = x[: len(x) // 2]
-        cond = self.model.forward(torch.cat([half, half], dim=0), t, y)[: len(half)]
+        n = len(x) // 2
+        cond = self.model.forward(x[:n], t[:n], y[:n])
         return torch.cat([cond, cond], dim=0)
 
 
