@@ -28,6 +28,7 @@ from opendit.images import to_uint8  # noqa: E402
 from opendit.sample import build_parser  # noqa: E402
 from opendit.sampling.generate import generate, quick_sampler  # noqa: E402
 from opendit.sampling.load import load_for_sampling  # noqa: E402
+from sample_throughput import counted_forwards  # noqa: E402
 
 SETTINGS = [("no guidance", 1.0, None), ("cfg 1.5 everywhere", 1.5, None), ("cfg 1.5 in [0.3, 1]", 1.5, (0.3, 1.0)),
             ("cfg 1.5 in [0.5, 1]", 1.5, (0.5, 1.0))]
@@ -57,15 +58,14 @@ def main() -> int:
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(args.num_samples, 1, 8, 8, generator=g)
         labels = torch.arange(args.num_samples) % loaded.num_classes
-        rows, calls, forward = {}, [], model.forward
-        model.forward = lambda x, t, y, **kw: (calls.append(len(x)), forward(x, t, y, **kw))[1]
+        rows = {}
         for rep in range(args.repeats):
             for name, cfg, interval in SETTINGS:
-                calls.clear()
                 torch.manual_seed(0)
                 t0 = time.perf_counter()
-                x = generate(model, labels, noise, cfg_scale=cfg, cfg_interval=interval,
-                             clip_denoised=loaded.codec is None, **kind)
+                with counted_forwards(model) as calls:
+                    x = generate(model, labels, noise, cfg_scale=cfg, cfg_interval=interval,
+                                 clip_denoised=loaded.codec is None, **kind)
                 dt = time.perf_counter() - t0
                 if name not in rows or dt < rows[name]["seconds"]:
                     rows[name] = {"seconds": dt, "calls": len(calls), "forwards": sum(calls), "images": to_uint8(x)}

@@ -13,6 +13,7 @@ short-circuits); latents only (the VAE decode is not timed). FLOPs: 2 x the mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -36,16 +37,23 @@ SAMPLERS = [
 ]
 
 
-def run(model, objective, sampler, steps, options, labels, noise, cfg, interval, autocast):
+@contextlib.contextmanager
+def counted_forwards(model):
+    """Yields a list that gets the batch size of every ``model.forward`` call made inside the block (samplers call
+    ``forward`` directly, so a forward hook would not see them)."""
     calls, forward = [], model.forward
     model.forward = lambda x, t, y, **kw: (calls.append(len(x)), forward(x, t, y, **kw))[1]
     try:
-        with torch.no_grad(), autocast:
-            torch.manual_seed(0)
-            generate(model, labels, noise, sampler=sampler, steps=steps, cfg_scale=cfg, cfg_interval=interval,
-                     objective=objective, **options)
+        yield calls
     finally:
-        model.forward = forward
+        del model.forward  # the class's method again
+
+
+def run(model, objective, sampler, steps, options, labels, noise, cfg, interval, autocast):
+    with counted_forwards(model) as calls, torch.no_grad(), autocast:
+        torch.manual_seed(0)
+        generate(model, labels, noise, sampler=sampler, steps=steps, cfg_scale=cfg, cfg_interval=interval,
+                 objective=objective, **options)
     return calls
 
 

@@ -206,7 +206,7 @@ def test_lightningdit_xl1_state_dict_layout_loads_strict():
 def test_a_lightningdit_layout_state_dict_loads_strict_and_its_options_are_read_from_it(tmp_path):
     """A state dict with LightningDiT's keys (written from the facts, random values) loads strict into the model
     that config_from_state_dict describes, and the sampling loader builds that model from the file alone."""
-    from opendit.sampling.load import block_options
+    from opendit.sampling.load import checkpoint_block_options
 
     D, heads, F_, T, hd = 32, 2, int(2 / 3 * 128), 16, 16
     shapes = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, 8, 1, 1), "x_embedder.proj.bias": (D,),
@@ -229,7 +229,7 @@ def test_a_lightningdit_layout_state_dict_loads_strict_and_its_options_are_read_
     cfg = config_from_state_dict(sd)
     assert cfg["options"] == dict(ALL_ON, wo_pos_embed=False) and cfg["mlp_ratio"] == 4.0
     m = DiT(input_size=4, patch_size=1, in_channels=8, hidden_size=D, depth=3, num_heads=heads, num_classes=10,
-            learn_sigma=False, **block_options(None, cfg)).eval()
+            learn_sigma=False, **checkpoint_block_options(None, cfg)).eval()
     m.load_state_dict(sd, strict=True)
     x, t, y = torch.randn(2, 8, 4, 4, generator=g), torch.tensor([0.2, 0.9]), torch.tensor([1, 2])
     want = reference_forward({k: v.double() for k, v in sd.items()}, x.double(), t, y, patch=1, heads=heads, **ALL_ON)

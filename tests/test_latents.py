@@ -205,6 +205,7 @@ def test_latent_norm_trains_samples_and_records_its_statistics(setup, wide, tmp_
     want = (z - torch.tensor(data.stats["mean"]).view(1, 6, 1, 1).float()) / torch.tensor(data.stats["std"]).view(
         1, 6, 1, 1).float() * 0.5
     torch.testing.assert_close(codec.encode(x, eps), want, rtol=1e-5, atol=1e-5)
+    assert codec.norm._shape(want)[0] is codec.norm._shape(want)[0]  # moved to the device once, not every step
     r = run_train("--dataset", "latents", "--data_path", str(wide), "--model", "DiT-N/2", "--mixed_precision", "fp32",
                   "--device", "cpu", "--batch_size", "4", "--max_steps", "2", "--num_workers", "0", "--latent_norm",
                   "--latent_multiplier", "0.5", "--final_samples", "1", "--outputs", str(tmp_path / "o"))

@@ -90,6 +90,7 @@ class LatentNorm:
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
         self.multiplier, self.source = float(multiplier), source
+        self._moved: dict = {}  # (device, dtype) -> (mean, std) there
         if self.mean.shape != self.std.shape or not torch.isfinite(self.mean).all() or not (self.std > 0).all():
             raise UserError(f"latent statistics {source}: mean and std must be finite, of one length, std > 0")
 
@@ -98,7 +99,11 @@ class LatentNorm:
         return len(self.mean)
 
     def _shape(self, z: torch.Tensor):
-        return self.mean.to(z.device, z.dtype).view(1, -1, 1, 1), self.std.to(z.device, z.dtype).view(1, -1, 1, 1)
+        """mean and std as (1, C, 1, 1) on z's device and dtype, moved once (not a host-to-device copy per step)."""
+        key = (z.device, z.dtype)
+        if key not in self._moved:
+            self._moved[key] = (self.mean.to(*key).view(1, -1, 1, 1), self.std.to(*key).view(1, -1, 1, 1))
+        return self._moved[key]
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         mean, std = self._shape(z)

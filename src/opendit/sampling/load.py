@@ -84,7 +84,7 @@ def latent_norm(args, run_cfg: dict | None) -> LatentNorm | None:
     return LatentNorm.from_record(run, "of the run's config.json") if run else None
 
 
-def block_options(run_cfg: dict | None, cfg: dict) -> dict:
+def checkpoint_block_options(run_cfg: dict | None, cfg: dict) -> dict:
     """The block options: what the weights show (RMSNorm, SwiGLU, RoPE, QK-norm, no shift), and from the run's
     config.json what they cannot (no absolute position embedding)."""
     return dict(cfg["options"], wo_pos_embed=bool((run_cfg or {}).get("wo_pos_embed", False)))
@@ -109,7 +109,7 @@ def load_for_sampling(args, device, precision=None) -> Loaded:
     model = DiT(input_size=space.input_size, patch_size=cfg["patch_size"], in_channels=cfg["in_channels"],
                 hidden_size=cfg["hidden_size"], depth=cfg["depth"], num_heads=model_config(name)["num_heads"],
                 mlp_ratio=cfg["mlp_ratio"], class_dropout_prob=0.1, num_classes=cfg["num_classes"],
-                learn_sigma=cfg["learn_sigma"], **block_options(run_cfg, cfg))
+                learn_sigma=cfg["learn_sigma"], **checkpoint_block_options(run_cfg, cfg))
     load_into(model, sd, f"--ckpt {source}")
     objective, note = resolve_objective(args, run_cfg, sd, cfg, source)
     model = model.to(device).eval().set_attention_impl(options.attention)
