@@ -26,6 +26,8 @@ timeout 240 $PY benchmarks/train_throughput.py --model DiT-XL/2 --image_size 256
 echo "== sampling throughput: DiT-XL/2 @256, batch 64, bf16, guidance 4.0 everywhere and in [0.3, 1]"
 timeout 300 $PY benchmarks/sample_throughput.py --model DiT-XL/2 --image_size 256 --batch 64 --device cuda \
     2>&1 | tee "$OUT/sample_throughput.log"
+echo "== issue 17: the fast sampling path and the sync-free training step"
+bash benchmarks/gpu_sampling.sh
 echo "== REPA's cost per step (DiT-XL/2 @256, batch 64, DINOv2-B shaped encoder, bf16)"
 timeout 120 $PY benchmarks/repa_cost.py --model DiT-XL/2 --image_size 256 --batch_size 64 --encoder dinov2-vit-b \
     --repa_depth 8 --projector_dim 2048 --device cuda --precision bf16 --steps 10 --repeats 2 2>&1 | tee "$OUT/repa_cost.log"

@@ -150,6 +150,42 @@ def test_max_bad_steps_stops_with_one_line_and_keeps_the_last_good_checkpoint(tm
     assert "Traceback" not in r.stderr
 
 
+def test_the_sync_free_step_stops_on_bad_steps_as_the_host_guard_does(tmp_path):
+    """No checkpoint or log line in between, so the fused run reads step 4's flags only during step 5: it must still
+    stop with the same line (the same steps counted), and no later step may be saved."""
+    lines = {}
+    for impl in ("foreach", "fused"):
+        r = run_train(*TINY, "--batch_size", "16", "--log_every", "100", "--ckpt_every", "100", "--max_steps", "8",
+                      "--max_bad_steps", "2", "--optimizer_impl", impl, "--outputs", str(tmp_path / impl),
+                      env_extra={"OPENDIT_FAULT": "nan_loss@3,nan_loss@4"})
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        lines[impl] = r.stderr.strip().splitlines()
+        assert not list_checkpoints(only_run_dir(tmp_path / impl))
+    assert lines["fused"] == lines["foreach"] and len(lines["fused"]) == 1
+    assert "2 steps in a row" in lines["fused"][0] and "the last: step 4" in lines["fused"][0]
+
+
+def test_a_stop_read_one_step_late_still_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The sync-free step (fused AdamW) reads a stop requested in step 3 during step 4: it stops after step 4, with a
+    checkpoint of step 4 and every counter; resumed to step 8 it ends with the weights of an uninterrupted run."""
+    fused = [*TINY, "--batch_size", "16", "--log_every", "100", "--ckpt_keep", "0", "--optimizer_impl", "fused"]
+    r = run_train(*fused, "--max_steps", "8", "--ckpt_every", "100", "--outputs", str(tmp_path / "stopped"),
+                  env_extra={"OPENDIT_FAULT": "sigterm@3"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "stopped")
+    assert [os.path.basename(c) for c in list_checkpoints(run_dir)] == ["epoch0-global_step4"]
+    assert "stop requested (SIGTERM) at step 4" in open(os.path.join(run_dir, "log.txt")).read()
+    r = run_train(*fused, "--max_steps", "8", "--ckpt_every", "100", "--load", run_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(*fused, "--max_steps", "8", "--ckpt_every", "100", "--outputs", str(tmp_path / "whole"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = load_checkpoint(ckpt_at(run_dir, 8)), load_checkpoint(ckpt_at(only_run_dir(tmp_path / "whole"), 8))
+    for part in ("model", "ema"):
+        assert want[part].keys() == got[part].keys()
+        for k in want[part]:
+            assert torch.equal(got[part][k], want[part][k]), (part, k)
+
+
 def test_pickle_with_code_in_a_checkpoint_is_refused(reference, tmp_path):
     import shutil
 
@@ -170,11 +206,14 @@ def test_pickle_with_code_in_a_checkpoint_is_refused(reference, tmp_path):
 # ----------------------------------------------------------------------------- two processes
 
 @pytest.mark.slow
-def test_injected_nan_skips_exactly_that_step_on_both_ranks(tmp_path):
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_injected_nan_skips_exactly_that_step_on_both_ranks(tmp_path, impl):
     # zero2: each rank owns half of every parameter and of the optimizer state, and the checkpoint gathers both halves,
-    # so "unchanged" below covers both ranks. The NaN appears on rank 1 only.
+    # so "unchanged" below covers both ranks. The NaN appears on rank 1 only. foreach: the step's flags are read on the
+    # host; fused: the skip happens on the device and the loop reads the flags one step late (the sync-free step)
     r = run_train(*TINY, *STEPS, "--batch_size", "8", "--max_steps", "5", "--ckpt_every", "1", "--plugin", "zero2",
-                  "--outputs", str(tmp_path), nproc=2, env_extra={"OPENDIT_FAULT": "nan_loss@3:rank1"})
+                  "--optimizer_impl", impl, "--outputs", str(tmp_path), nproc=2,
+                  env_extra={"OPENDIT_FAULT": "nan_loss@3:rank1"})
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     c = {s: load_checkpoint(ckpt_at(run_dir, s)) for s in (2, 3, 4)}

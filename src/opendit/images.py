@@ -11,7 +11,12 @@ from .atomic import atomic_path
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 (C = 1 or 3)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8_tensor(x).cpu().numpy()
+
+
+def to_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``to_uint8`` on the tensor's own device: (N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def labelled_grid(images: torch.Tensor, labels, class_names, *, min_cell: int = 64, pad: int = 2) -> Image.Image:

@@ -42,6 +42,11 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     a("--cfg_interval", type=UNIT_FLOAT, nargs=2, default=None, metavar=("LO", "HI"),
       help="guidance only at times in [LO, HI] (0 = noise, 1 = data; a diffusion step k of 1000 is at 1 - k/1000); "
            "elsewhere the conditional prediction alone")
+    a("--cache_method", default="none", choices=["none", "fora", "taylorseer"],
+      help="cached steps (off by default): between whole model calls, reuse each block's attention and MLP outputs "
+           "(fora) or forecast them to first order in time (taylorseer)")
+    a("--cache_interval", type=POSITIVE_INT, default=3, help="with --cache_method: every N-th model call runs whole")
+    a("--cache_warmup", type=POSITIVE_INT, default=2, help="with --cache_method: the first K model calls run whole")
     a("--objective", default="auto", choices=["auto", *OBJECTIVES],
       help="what the checkpoint was trained as: auto = its run's config.json, else what its weights say (a flow "
            "never trains the variance channels), else diffusion")
@@ -68,6 +73,9 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     a("--latent_multiplier", type=POSITIVE_FLOAT, default=None, help="with --latent_stats (default: the run's, or 1)")
     a("--mixed_precision", default="fp32", choices=list(PRECISIONS))
     a("--enable_flashattn", action="store_true")
+    a("--compile", action="store_true",
+      help="torch.compile the model's forward (one graph, compiled at the first batch of each shape)")
+    a("--cuda_graphs", action="store_true", help="with --compile on a GPU: replay the compiled forward as CUDA graphs")
     a("--seed", type=SEED, default=0)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_config_flag(p)

@@ -42,6 +42,9 @@ def build_parser() -> ArgumentParser:
       help="constant (the published recipe) or cosine decay to 0 at the last step")
     a("--warmup_steps", type=NONNEG_INT, default=0, help="linear learning-rate warmup from 0")
     a("--adam_beta2", type=float_flag(0.0, 0.9999), default=0.999, help="AdamW's beta2 (0.999 as DiT; LightningDiT: 0.95)")
+    a("--optimizer_impl", default="auto", choices=["auto", "fused", "foreach"],
+      help="AdamW's kernels: fused (bad steps are skipped on the device: no host sync per step) or foreach (the "
+           "step's flags are read on the host); auto: fused on GPUs, foreach on CPUs")
     a("--grad_clip", type=NONNEG_FLOAT, default=1.0, help="max global gradient norm; 0 = off")
     a("--ema_decay", type=UNIT_FLOAT, default=0.9999)
     a("--global_seed", type=SEED, default=0)

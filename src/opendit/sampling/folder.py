@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,10 +27,11 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..atomic import atomic_path, replace, write_text_atomic
 from ..errors import UserError
-from ..images import to_uint8
+from ..images import to_uint8_tensor
 from ..precision import Precision
 from ..training import checkpoint as ckpt
 from ..objectives import objective_settings
+from .compiled import auto_batch_size, check_fast_flags, compiled_forward
 from .generate import DEFAULT_METHOD, FLOW_OPTIONS, describe_settings, generate
 from .load import check_sampling_flags, clip_for, load_for_sampling
 
@@ -76,6 +78,9 @@ def sample_settings(args, loaded, clip: bool, sampling: dict) -> dict:
     extra = {}
     if sampling.get("cfg_interval") is not None:
         extra["cfg_interval"] = list(sampling["cfg_interval"])
+    if sampling.get("cache") is not None:
+        c = sampling["cache"]
+        extra["cache"] = {"method": c.method, "interval": c.interval, "warmup": c.warmup}
     if "objective" in sampling:  # a flow
         extra.update(objective_settings(sampling["objective"]))
         extra.update({k: sampling.get(k, v) for k, v in FLOW_OPTIONS.items()})
@@ -99,7 +104,7 @@ def sample_settings(args, loaded, clip: bool, sampling: dict) -> dict:
         "per_proc_batch_size": args.per_proc_batch_size,  # batch b is seeded from (seed, b)
         "mixed_precision": args.mixed_precision,
         "enable_flashattn": args.enable_flashattn,
-    }
+    } | ({"compile": "cuda_graphs" if args.cuda_graphs else "inductor"} if getattr(args, "compile", False) else {})
 
 
 def default_sample_dir(settings: dict) -> str:
@@ -177,13 +182,76 @@ def finish_sample_dir(work: str, sample_dir: str, settings: dict, num_classes: i
     return out
 
 
+class PngWriter:
+    """Writes a batch's PNGs on worker threads while the device samples the next batch: the images go to the host by a
+    copy that does not wait (pinned memory on a GPU), the threads wait for it. Leaving the block waits for every file
+    (and raises a worker's error)."""
+
+    def __init__(self, folder: str, workers: int = 4):
+        self.folder, self.pool, self.pending = folder, ThreadPoolExecutor(workers), []
+
+    def __enter__(self):
+        return self
+
+    def write(self, idx: range, images: torch.Tensor) -> None:
+        """``images``: (N, C, H, W) in [-1, 1] on any device."""
+        u8 = to_uint8_tensor(images)
+        cuda = u8.device.type == "cuda"
+        host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=cuda)
+        host.copy_(u8, non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self.pending = [f for f in self.pending if not f.done() or f.result()]  # raises a finished worker's error
+        while len(self.pending) > 4:  # at most a few batches in flight: bounded host memory
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self._write, idx, host, done))
+
+    def _write(self, idx: range, host: torch.Tensor, done) -> None:
+        if done is not None:
+            done.synchronize()
+        for i, img in zip(idx, host.numpy()):
+            write_png(png_path(self.folder, i), img)
+
+    def __exit__(self, *exc):
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+        return False
+
+
+def resolve_auto_batch(loaded, sampling: dict, clip: bool, precision, env) -> int:
+    """--per_proc_batch_size auto: two probe runs of the sampler (2 steps) measure the memory per sample."""
+    def probe(n: int) -> None:
+        y = torch.zeros(n, dtype=torch.long, device=env.device)
+        z = torch.randn(n, loaded.in_channels, *loaded.input_size, device=env.device)
+        with precision.autocast():
+            x = generate(loaded.model, y, z, clip_denoised=clip, **{**sampling, "steps": 2})
+        loaded.space.to_images(x.float())
+
+    batch = auto_batch_size(probe, env.device)
+    if env.distributed:  # every rank the same (the smallest), so that batch b is the same samples everywhere
+        t = torch.tensor([batch], device=env.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        batch = int(t.item())
+    if env.is_main:
+        print(f"--per_proc_batch_size auto: {batch}")
+    return batch
+
+
 def sample_all(args) -> int:
     """The body of sample_ddp.py (``args``: its flags)."""
     env = distributed.init_distributed(args.device)
     precision = Precision(args.mixed_precision, env.device)
+    check_fast_flags(args, env.device)
     loaded = load_for_sampling(args, env.device, precision)
     sampling = check_sampling_flags(args, loaded)
     clip = clip_for(args, loaded)
+    if args.per_proc_batch_size == "auto":
+        args.per_proc_batch_size = resolve_auto_batch(loaded, sampling, clip, precision, env)
 
     def prepare() -> tuple[str, str, dict]:
         settings = sample_settings(args, loaded, clip, sampling)
@@ -199,15 +267,16 @@ def sample_all(args) -> int:
         print(f"{loaded.name} from {loaded.source} ({loaded.objective_note}): {N} samples, "
               f"{describe_settings(sampling)}, {env.world_size} process(es) x batch {B} -> {sample_dir}; "
               f"{len(mine) - len(todo)} of this rank's {len(mine)} batches already done")
-    for b in tqdm(todo, desc="sampling", disable=not env.is_main, dynamic_ncols=True):
-        idx = range(b * B, min(N, (b + 1) * B))
-        torch.manual_seed(batch_seed(args.seed, b))
-        y = torch.tensor([i % loaded.num_classes for i in idx], device=env.device)
-        z = torch.randn(len(idx), loaded.in_channels, *loaded.input_size, device=env.device)
-        with precision.autocast():
-            x = generate(loaded.model, y, z, clip_denoised=clip, **sampling)
-        for i, img in zip(idx, to_uint8(loaded.space.to_images(x.float()))):
-            write_png(png_path(work, i), img)
+    with PngWriter(work) as writer, compiled_forward(loaded.model, cuda_graphs=args.cuda_graphs,
+                                                      enabled=args.compile):
+        for b in tqdm(todo, desc="sampling", disable=not env.is_main, dynamic_ncols=True):
+            idx = range(b * B, min(N, (b + 1) * B))
+            torch.manual_seed(batch_seed(args.seed, b))
+            y = torch.tensor([i % loaded.num_classes for i in idx], device=env.device)
+            z = torch.randn(len(idx), loaded.in_channels, *loaded.input_size, device=env.device)
+            with precision.autocast():
+                x = generate(loaded.model, y, z, clip_denoised=clip, **sampling)
+            writer.write(idx, loaded.space.to_images(x.float()))  # the VAE decodes in fp32, as published
     distributed.barrier(env)
     if env.is_main:
         out = finish_sample_dir(work, sample_dir, settings, loaded.num_classes)

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..diffusion import create_diffusion
 from ..errors import UserError
 from ..models import DiT
 from ..transport import Sampler, Transport
+from .cache import CacheSettings, FeatureCache
 
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 FLOW_SAMPLERS = ("ode", "sde")
@@ -64,12 +67,23 @@ def check_interval(interval) -> tuple[float, float] | None:
 @torch.no_grad()
 def generate(model: DiT, labels: torch.Tensor, noise: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
              cfg_scale: float = 4.0, guidance_channels: int | None = None, cfg_interval=None,
-             clip_denoised: bool = False, progress: bool = False, objective=None, **flow_options) -> torch.Tensor:
+             clip_denoised: bool = False, progress: bool = False, objective=None,
+             cache: CacheSettings | FeatureCache | None = None, **flow_options) -> torch.Tensor:
     """Sample from ``noise`` (N, C, H, W) for ``labels`` (N,). ``objective``: None or a GaussianDiffusion (the DiT
     diffusion; samplers ddpm, ddim, dpm-solver++) or a Transport (a flow; samplers ode, sde with ``flow_options``:
     sampling_method, timestep_shift, atol, rtol, diffusion_form, diffusion_norm, last_step, last_step_size).
     Guidance doubles the batch with null labels, as published; randomness beyond ``noise`` comes from the global
-    torch RNG (the ddpm/ddim loops' and the SDE's per-step noise)."""
+    torch RNG (the ddpm/ddim loops' and the SDE's per-step noise). ``cache``: cached steps (``opendit.sampling.cache``;
+    a FeatureCache to read its counts afterwards), None: every model call runs whole."""
+    if cache is not None:
+        cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    with cache.attach(model) if cache is not None else contextlib.nullcontext():
+        return _generate(model, labels, noise, sampler, steps, cfg_scale, guidance_channels, cfg_interval,
+                         clip_denoised, progress, objective, flow_options)
+
+
+def _generate(model, labels, noise, sampler, steps, cfg_scale, guidance_channels, cfg_interval, clip_denoised,
+              progress, objective, flow_options) -> torch.Tensor:
     n = len(labels)
     flow = isinstance(objective, Transport)
     if sampler not in (FLOW_SAMPLERS if flow else DIFFUSION_SAMPLERS):
@@ -136,6 +150,8 @@ def describe_settings(settings: dict) -> str:
     text = describe_sampler(settings["sampler"], settings["steps"], **flow) + f", cfg {settings['cfg_scale']:g}"
     if settings.get("cfg_interval") is not None and settings["cfg_scale"] != 1.0:
         text += " in [{:g}, {:g}]".format(*settings["cfg_interval"])
+    if settings.get("cache") is not None:
+        text += ", " + settings["cache"].describe()
     if flow.get("timestep_shift") not in (None, 1.0):
         text += f", timestep shift {flow['timestep_shift']:g}"
     return text

@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..images import labelled_grid, save_image_atomic
 from ..precision import Precision
 from ..space import Space
+from .compiled import check_fast_flags, compiled_forward
 from .generate import describe_settings, generate, quick_sampler
 from .load import check_sampling_flags, clip_for, load_for_sampling
 
@@ -52,13 +53,14 @@ def sample_grid(args) -> int:
     """The body of sample_dit.py (``args``: its flags): a labelled grid PNG of samples from a checkpoint."""
     device = pick_device(args.device, 0)
     precision = Precision(args.mixed_precision, device)
+    check_fast_flags(args, device)
     loaded = load_for_sampling(args, device, precision)
     settings = check_sampling_flags(args, loaded)
     labels = parse_labels(args.labels, loaded.num_classes)
     torch.manual_seed(args.seed)
     y = torch.tensor(labels, device=device)
     z = torch.randn(len(labels), loaded.in_channels, *loaded.input_size, device=device)
-    with precision.autocast():
+    with precision.autocast(), compiled_forward(loaded.model, cuda_graphs=args.cuda_graphs, enabled=args.compile):
         x = generate(loaded.model, y, z, clip_denoised=clip_for(args, loaded), progress=True, **settings)
     images = loaded.space.to_images(x.float())
     if os.path.dirname(args.out):

@@ -176,6 +176,7 @@ def check_sampling_flags(args, loaded: Loaded) -> dict:
 def sampler_settings(args, loaded: Loaded) -> dict:
     """The keyword arguments of ``generate`` for the sampling flags (the sampler resolved for the objective; flow
     options only for a flow), checked against the checkpoint's objective."""
+    from .cache import cache_from_flags
     from .generate import DIFFUSION_SAMPLERS, FLOW_OPTIONS, FLOW_SAMPLERS, ODE_ONLY, SDE_ONLY, check_interval
 
     kind = objective_name(loaded.objective)
@@ -196,6 +197,9 @@ def sampler_settings(args, loaded: Loaded) -> dict:
         raise UserError("--num_sampling_steps: a flow sampler's grid needs at least 2 points")
     out = dict(sampler=sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
                guidance_channels=args.guidance_channels, cfg_interval=check_interval(args.cfg_interval))
+    if (cache := cache_from_flags(getattr(args, "cache_method", None), getattr(args, "cache_interval", 3),
+                                  getattr(args, "cache_warmup", 2))) is not None:
+        out["cache"] = cache
     if kind == "flow":
         out.update(objective=loaded.objective,
                    **{k: getattr(args, k) for k in FLOW_OPTIONS if getattr(args, k, None) is not None})

@@ -30,8 +30,13 @@ class EMA:
         self._shadow_local = [local(e) for e in self.shadow]
 
     @torch.no_grad()
-    def update(self, decay: float) -> None:
-        torch._foreach_lerp_(self._shadow_local, self._src_local, 1.0 - decay)
+    def update(self, decay: float, keep: torch.Tensor | None = None) -> None:
+        """``keep``: a 0/1 device flag (0-d), the update times it (0: the EMA stays as it is) with no host
+        sync; the same rounding as without it where it is 1."""
+        if keep is None:
+            torch._foreach_lerp_(self._shadow_local, self._src_local, 1.0 - decay)
+        else:
+            torch._foreach_lerp_(self._shadow_local, self._src_local, (keep * (1.0 - decay)).reshape(()))
 
     def state_dict(self, env: DistEnv | None = None) -> dict:
         """The whole EMA model as a plain fp32 state dict (the frozen entries, e.g. pos_embed, from the model; without

@@ -7,12 +7,14 @@ import math
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, device: torch.device, beta2: float = 0.999
-                    ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (fused kernels on GPUs), betas (0.9, beta2): 0.999 as DiT, 0.95 as
-    LightningDiT. Build it after the model is sharded."""
+def build_optimizer(model: torch.nn.Module, lr: float, device: torch.device, beta2: float = 0.999,
+                    impl: str = "auto") -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, betas (0.9, beta2): 0.999 as DiT, 0.95 as LightningDiT. ``impl``: fused
+    (one kernel; skips a bad step on a device flag, see training.step), foreach, or auto (fused on GPUs). Build it
+    after the model is sharded."""
+    fused = device.type == "cuda" if impl == "auto" else impl == "fused"
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, beta2),
-                             weight_decay=0, fused=device.type == "cuda")
+                             weight_decay=0, fused=fused)
 
 
 def learning_rate(step: int, *, lr: float, schedule: str, warmup: int, total: int) -> float:

@@ -12,7 +12,13 @@ where ``hidden`` maps each depth to the (N, T, D) tokens of this step's forward 
 one).
 
 Every step ends with one small all-reduce of [loss non-finite, grad norm non-finite, stop requested], so all ranks skip
-the same bad steps and stop after the same step.
+the same bad steps and stop after the same step. Two ways to act on it, with the same result:
+
+- on the host (any optimizer): the flags are read back (one host sync per step), then the update runs or not;
+- on the device (a fused optimizer, the default on GPUs): no host sync. The flag goes to the optimizer as ``found_inf``
+  (the fused kernels skip the update and undo the step count, as under a gradient scaler), the EMA moves by
+  (1 - decay) * (1 - flag), and the flags are copied to the host without waiting; the loop reads them one step later
+  (``StepResult`` resolves them when first asked).
 """
 
 from __future__ import annotations
@@ -39,16 +45,65 @@ class StepBatch:
     features: list | None = None  # REPA: each encoder's (N, T, d) features of the clean images
 
 
+class StepFlags:
+    """The all-reduced [loss non-finite, grad norm non-finite, stop requested] of a step, read on the host: at once
+    (``now``), or from a copy started without waiting, when first asked (``later``)."""
+
+    def __init__(self, flags: torch.Tensor, wait: bool):
+        self._host, self._event, self._values = None, None, None
+        if wait:
+            self._values = (flags > 0).tolist()
+        else:
+            pinned = flags.device.type == "cuda"
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=pinned)
+            self._host.copy_(flags, non_blocking=pinned)
+            if pinned:
+                self._event = torch.cuda.Event()
+                self._event.record()
+
+    @property
+    def on_host(self) -> bool:
+        return self._values is not None
+
+    @property
+    def values(self) -> list[bool]:
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()  # this copy only: later work already queued keeps running
+            self._values = (self._host > 0).tolist()
+        return self._values
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # the (local) total loss, detached
     grad_norm: torch.Tensor  # the global gradient norm before clipping, detached
-    nonfinite_loss: bool  # on any rank
-    nonfinite_grad: bool  # on any rank
-    stop: bool  # a stop was requested on some rank
-    updated: bool  # parameters, optimizer state and EMA were updated
-    overflow: bool = False  # fp16: the loss scaler found inf/nan gradients and lowered its scale
+    flags: StepFlags
+    scaled: bool = False  # fp16: a gradient scaler took part (a non-finite gradient is then an overflow)
     aux: dict = field(default_factory=dict)  # name -> detached auxiliary loss (already weighted)
+    step: int = 0  # the 1-based global step
+
+    @property
+    def nonfinite_loss(self) -> bool:  # on any rank
+        return self.flags.values[0]
+
+    @property
+    def nonfinite_grad(self) -> bool:  # on any rank
+        return self.flags.values[1]
+
+    @property
+    def stop(self) -> bool:  # a stop was requested on some rank
+        return self.flags.values[2]
+
+    @property
+    def updated(self) -> bool:
+        """Parameters, optimizer state and EMA were updated."""
+        return not (self.nonfinite_loss or self.nonfinite_grad)
+
+    @property
+    def overflow(self) -> bool:
+        """fp16: the loss scaler found inf/nan gradients (with a finite loss) and lowered its scale."""
+        return self.scaled and self.nonfinite_grad and not self.nonfinite_loss
 
     @property
     def skipped(self) -> bool:
@@ -86,12 +141,19 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded gradients: a replicated DTensor
 
 
+def updates_on_device(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` can skip a step on a device flag (``found_inf``) without the host: the fused AdamW kernels."""
+    return bool(opt.defaults.get("fused"))
+
+
 def train_step(train_model, model, opt: torch.optim.Optimizer, objective, batch: StepBatch, *, lr: float,
                grad_clip: float, precision: Precision, ema, ema_decay: float, env: DistEnv, stop=None,
-               aux_losses=(), step_number: int = 0) -> StepResult:
+               aux_losses=(), step_number: int = 0, on_device: bool | None = None) -> StepResult:
     """One step. ``train_model`` is what the forward goes through (the DDP wrapper or the model itself), ``model`` the
     plain (possibly sharded) module the optimizer and EMA hold; ``stop``: an object whose ``signum`` is nonzero once a
-    stop was requested; ``step_number``: the 1-based global step being computed (fault injection in tests)."""
+    stop was requested; ``step_number``: the 1-based global step being computed (fault injection in tests);
+    ``on_device``: skip bad steps without a host sync (default: when the optimizer is fused; False: the host guard,
+    the reference the device path is tested against)."""
     with precision.autocast():
         loss, aux = compute_loss(train_model, objective, batch, aux_losses)
     if faults.armed("nan_loss", step_number, env.rank):
@@ -111,22 +173,39 @@ def train_step(train_model, model, opt: torch.optim.Optimizer, objective, batch:
     stop_requested = float(stop is not None and stop.signum != 0)  # a host value: filled on the device, not copied
     flags = torch.cat([torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm.detach())]).float(),
                        loss.new_full((1,), stop_requested, dtype=torch.float32)])
-    nonfinite_loss, nonfinite_grad, stop_now = (all_reduce_(flags, env, op="max") > 0).tolist()
-    result = StepResult(loss.detach(), grad_norm.detach(), nonfinite_loss, nonfinite_grad, stop_now, updated=False,
-                        aux=aux)
-    if nonfinite_loss or (nonfinite_grad and scaler is None):
-        # skip the update everywhere: parameters, optimizer state and EMA stay as they were
-        if scaler is not None:
-            scaler.update()  # found inf/nan while unscaling: lowers the loss scale
-    elif nonfinite_grad:  # fp16 overflow: the loss scaler skips the step and lowers its scale
-        scaler.update()
-        result.overflow = True
-    else:
+    all_reduce_(flags, env, op="max")
+    on_device = updates_on_device(opt) if on_device is None else on_device
+    if on_device and not updates_on_device(opt):
+        raise ValueError("on_device needs a fused optimizer (found_inf)")
+    result = StepResult(loss.detach(), grad_norm.detach(), StepFlags(flags, wait=not on_device),
+                        scaled=scaler is not None, aux=aux, step=step_number)
+    if on_device:
+        update_on_device(opt, scaler, ema, ema_decay, bad=flags[:2].amax())
+    elif result.updated:
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
         ema.update(ema_decay)
-        result.updated = True
+    elif scaler is not None:  # the loss scaler found inf/nan while unscaling (an overflow, or a NaN loss): lower the scale
+        scaler.update()
     return result
+
+
+def update_on_device(opt, scaler, ema, ema_decay: float, bad: torch.Tensor) -> None:
+    """The update, or none where ``bad`` (a 0-d float flag, the same on every rank) is 1, without reading it."""
+    if scaler is not None:
+        # the scaler's own found_inf covers this rank's gradients only (a shard, under FSDP); make it the all-reduced
+        # flag, so that every rank skips alike and the scale backs off alike
+        for found in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values():
+            found.copy_(bad)
+        scaler.step(opt)  # a fused optimizer takes found_inf from the scaler: no host sync
+        scaler.update()
+    else:
+        opt.found_inf = bad
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    ema.update(ema_decay, keep=1.0 - bad)

@@ -68,7 +68,8 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         alignment = setup_alignment(args, model, dataset, env.device)  # REPA: encoders, projectors on the model
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         train_model = parallelize_dit(model, options, env, precision)  # zero2 / fsdp: sharded in place
-        opt = build_optimizer(model, args.lr, env.device, getattr(args, "adam_beta2", 0.999))
+        opt = build_optimizer(model, args.lr, env.device, getattr(args, "adam_beta2", 0.999),
+                              getattr(args, "optimizer_impl", "auto"))
         objective = build_objective(vars(args))  # the diffusion or a flow (opendit.transport)
         class_dropout = model.y_embedder.dropout_prob
 
@@ -100,6 +101,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         progress = Progress(args, env, log, run_dir, model, opt, global_batch, total_steps, state)
 
         def save() -> None:
+            progress.settle(state)  # the counters of every step so far (a device-guarded step is read one step late)
             save_checkpoint(model, ema, opt, state, precision, bad, env, args, run_dir, ckpt_dir, global_batch, log)
 
         def ema_model():  # a fresh plain model holding the EMA weights, on rank 0 (collective)
@@ -136,11 +138,11 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
                                     precision=precision, ema=ema, ema_decay=args.ema_decay, env=env, stop=stop,
                                     aux_losses=(alignment.loss,) if alignment else (),
                                     step_number=state.global_step + 1)
-                progress.record(result, state)
+                progress.record(result, state)  # a device-guarded step's flags: read at the next step
                 state.advance(global_batch)
-                if state.global_step % args.log_every == 0 or state.global_step == total_steps or result.stop:
+                if state.global_step % args.log_every == 0 or state.global_step == total_steps or progress.stop:
                     progress.report(state, lr, bad.total())
-                if result.stop:
+                if progress.stop:
                     stopped = True
                     log.info(f"stop requested ({stop.name or 'a signal on another rank'}) at step {state.global_step}: "
                              f"writing a checkpoint, then exiting")
@@ -155,6 +157,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
                     break
             else:  # the epoch ran out
                 state.next_epoch()
+        progress.settle(state)
         progress.close()
         save()
         if stopped:
@@ -323,6 +326,7 @@ class Progress:
         self.aux_sums: dict[str, torch.Tensor] = {}  # auxiliary losses (weighted), e.g. REPA's
         self.n, self.t_last, self.step_last = 0, time.perf_counter(), state.global_step
         self.bad_in_a_row, self.overflow_steps, self.memory = 0, 0, None
+        self.pending, self.stop = None, False  # a step whose flags are not read yet; a stop was requested
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
         # the bar only on a terminal (rank 0): batch-job logs get the log lines instead
@@ -330,8 +334,24 @@ class Progress:
                         desc="train", dynamic_ncols=True)
 
     def record(self, result, state: TrainState) -> None:
-        """After the step ``state.global_step + 1``."""
-        step = state.global_step + 1
+        """After each step. A step guarded on the host is taken in at once; one guarded on the device when the next
+        step has been queued (its flags are on the host by then), or at ``settle``."""
+        self.bar.update(1)
+        previous, self.pending = self.pending, result
+        if previous is not None:
+            self.take(previous, state)
+        if result.flags.on_host:
+            self.settle(state)
+
+    def settle(self, state: TrainState) -> None:
+        """Take in the step still waiting (a host sync): before logging, checkpointing or stopping."""
+        if self.pending is not None:
+            result, self.pending = self.pending, None
+            self.take(result, state)
+
+    def take(self, result, state: TrainState) -> None:
+        step = result.step
+        self.stop = self.stop or result.stop
         if result.skipped:
             state.skipped_steps += 1
             self.bad_in_a_row += 1
@@ -356,7 +376,6 @@ class Progress:
             self.n += 1
             if self.memory is None:
                 self.note_memory()
-        self.bar.update(1)
 
     def note_memory(self) -> None:
         """What this rank holds, after the first update."""
@@ -375,6 +394,7 @@ class Progress:
 
     def report(self, state: TrainState, lr: float, bad_images: int) -> None:
         """A log line and a metrics row: averages since the last one. ``bad_images``: a collective count."""
+        self.settle(state)
         env, step = self.env, state.global_step
         avg_loss = distributed.all_reduce_mean(self.loss_sum / self.n, env).item() if self.n else math.nan
         avg_norm = (self.norm_sum / self.n).item() if self.n else math.nan
