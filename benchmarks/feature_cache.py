@@ -22,11 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from guidance_interval import newest_checkpoint  # noqa: E402
+from guidance_interval import demo_checkpoint  # noqa: E402
 from sample_throughput import counted_forwards  # noqa: E402
 from opendit.eval.digits import load_classifier, score  # noqa: E402
 from opendit.images import to_uint8  # noqa: E402
-from opendit.sample import build_parser  # noqa: E402
 from opendit.sampling.cache import CacheSettings, FeatureCache  # noqa: E402
 from opendit.sampling.generate import generate  # noqa: E402
 from opendit.transport import Transport  # noqa: E402
@@ -64,12 +63,8 @@ def main() -> int:
     print("| checkpoint | sampler | model calls | whole calls | seconds | accuracy | pixel FD | feature FD |")
     print("|---|---|---|---|---|---|---|---|")
     for outputs in args.runs.split(","):
-        run = newest_checkpoint(outputs)
-        loaded = load_for(run)
+        run, loaded, labels, noise = demo_checkpoint(outputs, args.num_samples)
         flow = isinstance(loaded.objective, Transport)
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(args.num_samples, 1, 8, 8, generator=g)
-        labels = torch.arange(args.num_samples) % loaded.num_classes
         results = {}
         for _ in range(args.repeats):
             for name, kind, cache_settings in settings(flow):
@@ -90,12 +85,6 @@ def main() -> int:
             print(f"| {what} | {name} | {r['calls']} | {r['whole']} | {r['seconds']:.2f} | {s['accuracy']:.1%} | "
                   f"{s['pixel_fd']:.2f} | {s['feature_fd']:.2f} |", flush=True)
     return 0
-
-
-def load_for(run: str):
-    from opendit.sampling.load import load_for_sampling
-
-    return load_for_sampling(build_parser().parse_args(["--ckpt", run, "--device", "cpu"]), torch.device("cpu"))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ def newest_checkpoint(outputs: str) -> str:
     return runs[-1]
 
 
+def demo_checkpoint(outputs: str, num_samples: int):
+    """The newest run under ``outputs``, loaded for sampling on the CPU, with the benchmark's labels (i mod classes)
+    and fixed noise."""
+    run = newest_checkpoint(outputs)
+    loaded = load_for_sampling(build_parser().parse_args(["--ckpt", run, "--device", "cpu"]), torch.device("cpu"))
+    noise = torch.randn(num_samples, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    return run, loaded, torch.arange(num_samples) % loaded.num_classes, noise
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="outputs/demo,outputs/demo-flow")
@@ -52,12 +61,8 @@ def main() -> int:
     print("| checkpoint, sampler | guidance | model calls | sample-forwards | seconds | accuracy | pixel FD | feature FD |")
     print("|---|---|---|---|---|---|---|---|")
     for outputs in args.runs.split(","):
-        run = newest_checkpoint(outputs)
-        loaded = load_for_sampling(build_parser().parse_args(["--ckpt", run, "--device", "cpu"]), torch.device("cpu"))
+        run, loaded, labels, noise = demo_checkpoint(outputs, args.num_samples)
         model, kind = loaded.model, quick_sampler(loaded.objective)
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(args.num_samples, 1, 8, 8, generator=g)
-        labels = torch.arange(args.num_samples) % loaded.num_classes
         rows = {}
         for rep in range(args.repeats):
             for name, cfg, interval in SETTINGS:
