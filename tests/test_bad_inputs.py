@@ -205,6 +205,8 @@ NUMERIC = [
     ("opendit.sample", ["--ckpt", "x", "--image_size", "-8"], "--image_size", "an integer >= 1"),
     ("opendit.sample_ddp", ["--ckpt", "x", "--cfg_scale", "inf"], "--cfg_scale", "a finite number >= 0"),
     ("opendit.sample_ddp", ["--ckpt", "x", "--per_proc_batch_size", "0"], "--per_proc_batch_size", "an integer >= 1"),
+    ("opendit.sample_ddp", ["--ckpt", "x", "--per_proc_batch_size", "any"], "--per_proc_batch_size", "or auto"),
+    ("opendit.sample", ["--ckpt", "x", "--cache_interval", "0"], "--cache_interval", "an integer >= 1"),
     ("opendit.sample_ddp", ["--ckpt", "x", "--num_classes", "0"], "--num_classes", "an integer >= 1"),
     ("opendit.extract_features", ["--data_path", "x", "--features_path", "y", "--shard_size", "0"], "--shard_size",
      "an integer >= 1"),

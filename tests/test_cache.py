@@ -5,6 +5,7 @@ forecast is exact for features linear in time; the model comes back unchanged; t
 import pytest
 import torch
 
+from opendit.errors import UserError
 from opendit.models import DiT
 from opendit.sampling.cache import CacheSettings, FeatureCache
 from opendit.sampling.generate import generate
@@ -98,5 +99,9 @@ def test_cache_flags_reach_the_sampler_and_the_sample_record():
     s = sampler_settings(args, Loaded)
     assert s["cache"] == CacheSettings("taylorseer", interval=4, warmup=2)
     assert "cache" not in sampler_settings(build_parser().parse_args(["--ckpt", "x.pt"]), Loaded)
+    assert sampler_settings(build_parser().parse_args(["--ckpt", "x.pt", "--cache_method", "fora"]), Loaded)["cache"] \
+        == CacheSettings("fora", interval=3, warmup=2)
+    with pytest.raises(UserError, match="add --cache_method"):  # given without a method: not silently ignored
+        sampler_settings(build_parser().parse_args(["--ckpt", "x.pt", "--cache_interval", "4"]), Loaded)
     with pytest.raises(ValueError):
         CacheSettings("deepcache")

@@ -45,8 +45,10 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     a("--cache_method", default="none", choices=["none", "fora", "taylorseer"],
       help="cached steps (off by default): between whole model calls, reuse each block's attention and MLP outputs "
            "(fora) or forecast them to first order in time (taylorseer)")
-    a("--cache_interval", type=POSITIVE_INT, default=3, help="with --cache_method: every N-th model call runs whole")
-    a("--cache_warmup", type=POSITIVE_INT, default=2, help="with --cache_method: the first K model calls run whole")
+    a("--cache_interval", type=POSITIVE_INT, default=None,
+      help="with --cache_method: every N-th model call runs whole (default 3)")
+    a("--cache_warmup", type=POSITIVE_INT, default=None,
+      help="with --cache_method: the first K model calls run whole (default 2)")
     a("--objective", default="auto", choices=["auto", *OBJECTIVES],
       help="what the checkpoint was trained as: auto = its run's config.json, else what its weights say (a flow "
            "never trains the variance channels), else diffusion")

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
+
 METHODS = ("fora", "taylorseer")
 
 
@@ -117,8 +119,12 @@ def _routed(cache: FeatureCache, key: str, forward):
     return call
 
 
-def cache_from_flags(method: str | None, interval: int, warmup: int) -> CacheSettings | None:
-    """The sampling flags ``--cache_method`` (None / 'none': off), ``--cache_interval``, ``--cache_warmup``."""
+def cache_from_flags(method: str | None, interval: int | None, warmup: int | None) -> CacheSettings | None:
+    """The sampling flags ``--cache_method`` (None / 'none': off), ``--cache_interval`` (default 3) and
+    ``--cache_warmup`` (default 2); the last two without a method are an error, not ignored."""
     if method in (None, "none"):
+        if interval is not None or warmup is not None:
+            raise UserError(f"--cache_{'interval' if interval is not None else 'warmup'} applies to cached steps: add "
+                            f"--cache_method fora or taylorseer")
         return None
-    return CacheSettings(method, interval, warmup)
+    return CacheSettings(method, 3 if interval is None else interval, 2 if warmup is None else warmup)

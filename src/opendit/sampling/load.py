@@ -197,8 +197,8 @@ def sampler_settings(args, loaded: Loaded) -> dict:
         raise UserError("--num_sampling_steps: a flow sampler's grid needs at least 2 points")
     out = dict(sampler=sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
                guidance_channels=args.guidance_channels, cfg_interval=check_interval(args.cfg_interval))
-    if (cache := cache_from_flags(getattr(args, "cache_method", None), getattr(args, "cache_interval", 3),
-                                  getattr(args, "cache_warmup", 2))) is not None:
+    if (cache := cache_from_flags(getattr(args, "cache_method", None), getattr(args, "cache_interval", None),
+                                  getattr(args, "cache_warmup", None))) is not None:
         out["cache"] = cache
     if kind == "flow":
         out.update(objective=loaded.objective,
