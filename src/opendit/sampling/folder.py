@@ -203,9 +203,15 @@ class PngWriter:
         if cuda:
             done = torch.cuda.Event()
             done.record()
-        self.pending = [f for f in self.pending if not f.done() or f.result()]  # raises a finished worker's error
-        while len(self.pending) > 4:  # at most a few batches in flight: bounded host memory
-            self.pending.pop(0).result()
+        running = []
+        for f in self.pending:
+            if f.done():
+                f.result()  # raises a finished worker's error
+            else:
+                running.append(f)
+        while len(running) > 4:  # at most a few batches in flight: bounded host memory
+            running.pop(0).result()
+        self.pending = running
         self.pending.append(self.pool.submit(self._write, idx, host, done))
 
     def _write(self, idx: range, host: torch.Tensor, done) -> None:
