@@ -84,7 +84,8 @@ class FeatureCache:
         if self.settings.method == "fora" or len(kept) < 2:
             return kept[-1]
         (t0, t1), (f0, f1) = self.times, kept
-        return f1 + (f1 - f0) * ((self.t - t1) / (t1 - t0))
+        # f1 + (f1 - f0) (t - t1) / (t1 - t0), as one kernel: lerp(f0, f1, w) = f0 + w (f1 - f0)
+        return torch.lerp(f0, f1, 1.0 + (self.t - t1) / (t1 - t0))
 
     @contextlib.contextmanager
     def attach(self, model):
