@@ -13,7 +13,6 @@ distance).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from guidance_interval import demo_checkpoint  # noqa: E402
+from guidance_interval import demo_checkpoint, digits_parser  # noqa: E402
 from sample_throughput import counted_forwards  # noqa: E402
 from opendit.eval.digits import load_classifier, score  # noqa: E402
 from opendit.images import to_uint8  # noqa: E402
@@ -52,11 +51,8 @@ def settings(flow: bool):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="outputs/demo,outputs/demo-flow")
-    p.add_argument("--num_samples", type=int, default=500)
+    p = digits_parser(__doc__)
     p.add_argument("--cfg_scale", type=float, default=1.5)
-    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     torch.set_grad_enabled(False)
     clf = load_classifier()

@@ -50,12 +50,17 @@ def demo_checkpoint(outputs: str, num_samples: int):
     return run, loaded, torch.arange(num_samples) % loaded.num_classes, noise
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def digits_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of the digits sampling tables: which demo runs, how many samples, how many interleaved rounds."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--runs", default="outputs/demo,outputs/demo-flow")
     p.add_argument("--num_samples", type=int, default=500)
-    p.add_argument("--repeats", type=int, default=2)
-    args = p.parse_args()
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest of each row is kept")
+    return p
+
+
+def main() -> int:
+    args = digits_parser(__doc__).parse_args()
     torch.set_grad_enabled(False)
     clf = load_classifier()
     print("| checkpoint, sampler | guidance | model calls | sample-forwards | seconds | accuracy | pixel FD | feature FD |")

@@ -29,6 +29,7 @@ from opendit.models import DiT_models  # noqa: E402
 from opendit.sampling.cache import CacheSettings, FeatureCache  # noqa: E402
 from opendit.sampling.compiled import compiled_forward  # noqa: E402
 from opendit.sampling.generate import generate  # noqa: E402
+from opendit.sampling.routing import forwards_replaced  # noqa: E402
 from opendit.transport import create_transport  # noqa: E402
 from train_throughput import device_name, peak_tflops, sync  # noqa: E402
 
@@ -45,15 +46,9 @@ SAMPLERS = [
 def counted_forwards(model):
     """Yields a list that gets the batch size of every ``model.forward`` call made inside the block (samplers call
     ``forward`` directly, so a forward hook would not see them)."""
-    calls, forward, own = [], model.forward, model.__dict__.get("forward")
-    model.forward = lambda x, t, y, **kw: (calls.append(len(x)), forward(x, t, y, **kw))[1]
-    try:
+    calls, forward = [], model.forward
+    with forwards_replaced([(model, lambda x, t, y, **kw: (calls.append(len(x)), forward(x, t, y, **kw))[1])]):
         yield calls
-    finally:
-        if own is None:
-            del model.forward  # the class's method again
-        else:
-            model.forward = own  # e.g. the compiled forward
 
 
 def run(model, objective, sampler, steps, options, labels, noise, cfg, interval, autocast, cache=None):
@@ -77,7 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="the compiled forward (no cache rows: the cache is eager)")
     ap.add_argument("--cuda_graphs", action="store_true", help="with --compile: replayed as CUDA graphs")
-    ap.add_argument("--samplers", default=None, help="comma-separated starts of the sampler labels to keep (e.g. 'DPM-Solver++,flow Heun')")
+    ap.add_argument("--samplers", default=None,
+                    help="comma-separated starts of the sampler labels to keep (e.g. 'DPM-Solver++,flow Heun')")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     latent = args.image_size // 8

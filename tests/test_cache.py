@@ -105,3 +105,17 @@ def test_cache_flags_reach_the_sampler_and_the_sample_record():
         sampler_settings(build_parser().parse_args(["--ckpt", "x.pt", "--cache_interval", "4"]), Loaded)
     with pytest.raises(ValueError):
         CacheSettings("deepcache")
+
+
+def test_routings_nest_and_each_restores_what_it_found():
+    from opendit.sampling.routing import forwards_replaced
+
+    model = tiny()
+    x, t, y = torch.zeros(2, 1, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long)
+    outer = lambda *a, **k: "outer"  # noqa: E731 (an instance's own forward, e.g. a counter's)
+    with forwards_replaced([(model, outer)]):
+        with FeatureCache(CacheSettings("fora")).attach(model):
+            assert model.forward is not outer and "forward" in model.blocks[0].attn.__dict__
+            assert model(x, t, y) == "outer"  # the cache's forward wraps the one it found
+        assert model.forward is outer and all("forward" not in b.mlp.__dict__ for b in model.blocks)
+    assert "forward" not in model.__dict__

@@ -41,8 +41,8 @@ SAMPLERS = [dict(sampler="dpm-solver++", steps=6, cfg_scale=2.0, cfg_interval=(0
 
 @pytest.mark.slow
 def test_the_compiled_forward_gives_the_eager_samples():
-    """Inductor computes the same float32 math in another order (fused reductions): per forward ~1e-6 relative;
-    over 6 solver steps with guidance 2 we allow 1e-4 of the samples' scale (measured: 3e-7)."""
+    """Inductor computes the same float32 math in another order (fused reductions): a few float32 ulps (1e-7) per
+    forward, amplified over 6 solver steps with guidance 2; we allow 1e-5 of the samples' scale (measured: 3e-7)."""
     model = tiny(learn_sigma=True)
     y, z = inputs()
     for kind in SAMPLERS:
@@ -52,7 +52,7 @@ def test_the_compiled_forward_gives_the_eager_samples():
             again = generate(model, y, z, **kind)  # the graphs are reused: same numbers again
         assert torch.equal(fast, again)
         scale = eager.abs().max().item()
-        assert (fast - eager).abs().max().item() <= 1e-4 * scale, kind["sampler"]
+        assert (fast - eager).abs().max().item() <= 1e-5 * scale, kind["sampler"]
     assert "forward" not in model.__dict__  # the model is plain again
     assert list(model._sampling_compiled) == ["default"]
 

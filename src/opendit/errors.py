@@ -95,6 +95,9 @@ NONNEG_INT = int_flag(0)
 SEED = int_flag(0, 2**32 - 1)  # what every use accepts (the data order seeds torch with seed * 1_000_003 + epoch)
 POSITIVE_FLOAT = float_flag(0.0, lo_open=True)
 
+NONNEG_FLOAT = float_flag(0.0)
+UNIT_FLOAT = float_flag(0.0, 1.0)
+
 
 def POSITIVE_INT_OR_AUTO(text: str):  # noqa: N802 (a flag type, named like the others)
     """A positive integer, or the word auto (the program chooses)."""
@@ -104,5 +107,3 @@ def POSITIVE_INT_OR_AUTO(text: str):  # noqa: N802 (a flag type, named like the 
         return POSITIVE_INT(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1 or auto, got {text}") from None
-NONNEG_FLOAT = float_flag(0.0)
-UNIT_FLOAT = float_flag(0.0, 1.0)

@@ -1,10 +1,10 @@
 """Cached steps: training-free reuse of the blocks' features between a sampler's model calls.
 
 Adjacent model calls of a sampler see nearly the same input, so each block's attention and MLP outputs change little
-between them. With a cache, every ``interval``-th model call (and the first ``warmup`` ones) runs the whole model and
-keeps those outputs (so the last warm-up call, then every ``interval`` calls); the calls in between run only the cheap parts (patch and condition embeddings, each block's
-adaLN modulation, gates and residual adds, the final layer) and take each block's attention and MLP outputs from the
-cache:
+between them. With a cache, the first ``warmup`` model calls and then every ``interval``-th (counted from the last
+warm-up call) run the whole model and keep those outputs; the calls in between run only the cheap parts (patch and
+condition embeddings, each block's adaLN modulation, gates and residual adds, the final layer) and take each block's
+attention and MLP outputs from the cache:
 
 - ``fora``: the last computed outputs, as they are (FORA, Selvaraju et al. 2024: reuse of attention and MLP outputs);
 - ``taylorseer``: a first-order forecast in time from the last two computed outputs,
@@ -13,18 +13,19 @@ cache:
 
 A model call whose batch differs from the cached one (entering or leaving a guidance interval, where the unguided
 half runs alone) runs whole. Two computed calls at the same time (Heun's second evaluation at t and the next step's
-first) keep only the later one, so a forecast never divides by a zero time difference. The model is not changed: ``FeatureCache.attach``
-routes its calls for the duration of a ``with`` block and restores it after. Off (the default), nothing is attached.
+first) keep only the later one, so a forecast never divides by a zero time difference. The model is not changed:
+``FeatureCache.attach`` routes its calls for the duration of a ``with`` block (``routing``). Off (the default), nothing
+is attached.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
+from .routing import forwards_replaced
 
 METHODS = ("fora", "taylorseer")
 
@@ -56,7 +57,7 @@ class FeatureCache:
         self.compute = True  # the current call runs whole
         self.t = None  # the current call's time
         self.batch = None  # the batch size of the cached features
-        self.replace_last = False
+        self.replace_last = False  # the current call replaces the last kept outputs (computed at the same time)
         self.times: list[float] = []  # the times of the computed features kept (the last two)
         self.features: dict[str, list[torch.Tensor]] = {}  # branch -> its outputs at self.times
 
@@ -87,37 +88,21 @@ class FeatureCache:
         # f1 + (f1 - f0) (t - t1) / (t1 - t0), as one kernel: lerp(f0, f1, w) = f0 + w (f1 - f0)
         return torch.lerp(f0, f1, 1.0 + (self.t - t1) / (t1 - t0))
 
-    @contextlib.contextmanager
     def attach(self, model):
-        """Within the block, calls of ``model.forward`` (also through ``forward_with_cfg``) go through the cache."""
+        """A context: within it, calls of ``model.forward`` (also through ``forward_with_cfg``) and of each block's
+        ``attn`` and ``mlp`` go through the cache."""
         forward = model.forward
-        saved = [(model, model.__dict__.get("forward"))]  # an instance's own forward (e.g. a counter's) comes back
 
         def cached_forward(x, t, *args, **kwargs):
             self.begin_call(x, t)
             return forward(x, t, *args, **kwargs)
 
-        for i, block in enumerate(model.blocks):
-            for name in ("attn", "mlp"):
-                module = getattr(block, name)
-                saved.append((module, module.__dict__.get("forward")))
-                module.forward = _routed(self, f"blocks.{i}.{name}", module.forward)
-        model.forward = cached_forward
-        try:
-            yield self
-        finally:
-            for m, own in saved:
-                if own is None:
-                    del m.forward  # the class's method again
-                else:
-                    m.forward = own
+        branches = [(getattr(block, name), f"blocks.{i}.{name}") for i, block in enumerate(model.blocks)
+                    for name in ("attn", "mlp")]
+        return forwards_replaced([(model, cached_forward)] + [(m, self._routed(key, m.forward)) for m, key in branches])
 
-
-def _routed(cache: FeatureCache, key: str, forward):
-    def call(*args):
-        return cache.branch(key, forward, *args)
-
-    return call
+    def _routed(self, key: str, forward):
+        return lambda *args: self.branch(key, forward, *args)
 
 
 def cache_from_flags(method: str | None, interval: int | None, warmup: int | None) -> CacheSettings | None:

@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 from ..errors import UserError
+from .routing import forwards_replaced
 
 
 @contextlib.contextmanager
@@ -39,15 +40,8 @@ def compiled_forward(model, *, cuda_graphs: bool = False, enabled: bool = True):
             return compiled(x, t, y, **kwargs).clone()
         return compiled(x, t, y, **kwargs)
 
-    own = model.__dict__.get("forward")
-    model.forward = forward
-    try:
+    with forwards_replaced([(model, forward)]):
         yield model
-    finally:
-        if own is None:
-            del model.forward
-        else:
-            model.forward = own
 
 
 def check_fast_flags(args, device: torch.device) -> None:

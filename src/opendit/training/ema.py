@@ -36,7 +36,7 @@ class EMA:
         if keep is None:
             torch._foreach_lerp_(self._shadow_local, self._src_local, 1.0 - decay)
         else:
-            torch._foreach_lerp_(self._shadow_local, self._src_local, (keep * (1.0 - decay)).reshape(()))
+            torch._foreach_lerp_(self._shadow_local, self._src_local, keep * (1.0 - decay))
 
     def state_dict(self, env: DistEnv | None = None) -> dict:
         """The whole EMA model as a plain fp32 state dict (the frozen entries, e.g. pos_embed, from the model; without

@@ -47,19 +47,18 @@ class StepBatch:
 
 class StepFlags:
     """The all-reduced [loss non-finite, grad norm non-finite, stop requested] of a step, read on the host: at once
-    (``now``), or from a copy started without waiting, when first asked (``later``)."""
+    (``wait``), or when first asked, from a copy to pinned memory started without waiting (on a CPU the tensor is
+    already on the host)."""
 
     def __init__(self, flags: torch.Tensor, wait: bool):
-        self._host, self._event, self._values = None, None, None
+        self._host, self._event, self._values = flags, None, None
         if wait:
             self._values = (flags > 0).tolist()
-        else:
-            pinned = flags.device.type == "cuda"
-            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=pinned)
-            self._host.copy_(flags, non_blocking=pinned)
-            if pinned:
-                self._event = torch.cuda.Event()
-                self._event.record()
+        elif flags.device.type == "cuda":
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
 
     @property
     def on_host(self) -> bool:
