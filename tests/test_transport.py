@@ -1,6 +1,7 @@
 """Flow matching (opendit.transport): losses against closed forms, samplers against a toy with an exact velocity field,
 the guidance interval, the timestep shift."""
 
+import math
 import sys
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from opendit.models import DiT_models
-from opendit.sampling.generate import GuidedModel, generate, guidance_time
+from opendit.sampling.generate import GuidedModel, generate, guidance_time, noise_level
 from opendit.transport import Sampler, create_transport, shift_times, time_grid
 
 # ----------------------------------------------------------------------------- closed forms, written independently
@@ -263,3 +264,70 @@ def test_cfg_interval_covering_everything_is_plain_guidance(sampler, objective):
     torch.manual_seed(1)
     empty = generate(m, y, z, cfg_interval=(0.0, 0.0) if objective else (1.0, 1.0), **kw)
     assert not torch.allclose(empty, plain)  # guidance at (almost) no step: different samples
+
+
+# ----------------------------------------------------------------------------- guidance interval on the sigma axis
+
+def dit_sigmas() -> np.ndarray:
+    """sqrt(1 / abar_k - 1) of DiT's schedule, written out: 1000 linear betas from 1e-4 to 0.02, float64."""
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    return np.sqrt(1.0 / abar - 1.0)
+
+
+def recorded_calls(m, fn):
+    """[(batch, t of the call)] of every model forward while fn() runs."""
+    calls, forward = [], m.forward
+    m.forward = lambda x, t, y, **kw: (calls.append((len(x), float(t.reshape(-1)[0]))), forward(x, t, y, **kw))[1]
+    try:
+        fn()
+    finally:
+        m.forward = forward
+    return calls
+
+
+@pytest.mark.parametrize("sampler,objective,steps", [("ode", "flow", 9), ("sde", "flow", 9), ("ddpm", None, 25),
+                                                     ("dpm-solver++", None, 12)])
+def test_cfg_interval_sigma_guides_exactly_the_calls_whose_noise_level_is_inside(sampler, objective, steps):
+    m = tiny_dit()
+    obj = create_transport() if objective == "flow" else None
+    y, z = torch.tensor([0, 5]), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    lo, hi = (0.5, 4.0) if objective == "flow" else (0.5, 20.0)
+    calls = recorded_calls(m, lambda: generate(m, y, z, sampler=sampler, steps=steps, cfg_scale=3.0, objective=obj,
+                                               cfg_interval_sigma=(lo, hi)))
+    if objective == "flow":
+        sigma = [math.inf if t == 0 else (1 - t) / t for _, t in calls]  # Linear path: x_t = t x1 + (1 - t) x0
+    else:
+        sigma = [dit_sigmas()[int(t)] for _, t in calls]
+    assert all(min(abs(s - lo), abs(s - hi)) > 1e-3 for s in sigma)  # no call on an edge: the test is exact
+    guided = [n == 4 for n, _ in calls]  # a guided call runs the doubled batch, an unguided one the conditional half
+    assert guided == [lo <= s <= hi for s in sigma]
+    assert 0 < sum(guided) < len(guided)  # both kinds occur
+
+
+@pytest.mark.parametrize("sampler,objective", [("ode", "flow"), ("sde", "flow"), ("ddpm", None), ("dpm-solver++", None)])
+def test_full_intervals_on_either_axis_are_plain_guidance_bit_for_bit(sampler, objective):
+    m = tiny_dit()
+    obj = create_transport() if objective == "flow" else None
+    y, z = torch.tensor([0, 5]), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    kw = dict(sampler=sampler, steps=6, cfg_scale=3.0, objective=obj)
+    torch.manual_seed(1)
+    plain = generate(m, y, z, **kw)
+    for interval in (dict(cfg_interval=(0.0, 1.0)), dict(cfg_interval_sigma=(0.0, math.inf))):
+        torch.manual_seed(1)
+        assert torch.equal(generate(m, y, z, **interval, **kw), plain), interval
+
+
+def test_the_two_interval_axes_are_one_line_errors():
+    from opendit.errors import UserError
+    from opendit.sampling.generate import guidance_interval
+
+    with pytest.raises(UserError, match="both give the guidance interval"):
+        guidance_interval((0.0, 1.0), (0.0, 1.0))
+    with pytest.raises(UserError, match="need 0 <= LO <= HI"):
+        guidance_interval(None, (3.0, 2.0))
+    with pytest.raises(UserError, match="need 0 <= LO <= HI"):
+        guidance_interval((0.7, 0.3), None)
+    # the axes in numbers: t = 0.3 is sigma 7/3 on the Linear path and sigma 12.0 at DiT's step 700
+    assert noise_level(create_transport(), torch.tensor([0.3], dtype=torch.float64)) == pytest.approx(7 / 3)
+    assert noise_level(None, torch.tensor([700.0])) == pytest.approx(dit_sigmas()[700], rel=1e-6)
+    assert noise_level(None, torch.tensor([700.0])) == pytest.approx(12.02, abs=0.01)

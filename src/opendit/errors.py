@@ -97,6 +97,7 @@ POSITIVE_FLOAT = float_flag(0.0, lo_open=True)
 
 NONNEG_FLOAT = float_flag(0.0)
 UNIT_FLOAT = float_flag(0.0, 1.0)
+NONNEG_FLOAT_OR_INF = _number_flag(float, "a number >= 0 or inf", lambda v: v >= 0)  # nan fails v >= 0
 
 
 def POSITIVE_INT_OR_AUTO(text: str):  # noqa: N802 (a flag type, named like the others)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, ArgumentParser, int_flag
+from .errors import NONNEG_FLOAT, NONNEG_FLOAT_OR_INF, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, ArgumentParser, int_flag
 from .objectives import OBJECTIVES
 from .precision import PRECISIONS
 from .program import run_main
@@ -42,6 +42,10 @@ def add_model_flags(p: argparse.ArgumentParser, cfg_scale: float) -> None:
     a("--cfg_interval", type=UNIT_FLOAT, nargs=2, default=None, metavar=("LO", "HI"),
       help="guidance only at times in [LO, HI] (0 = noise, 1 = data; a diffusion step k of 1000 is at 1 - k/1000); "
            "elsewhere the conditional prediction alone")
+    a("--cfg_interval_sigma", type=NONNEG_FLOAT_OR_INF, nargs=2, default=None, metavar=("LO", "HI"),
+      help="guidance only where the noise level sigma of the model's own schedule lies in [LO, HI] (the "
+           "guidance-interval paper's axis; a flow's sigma is (1 - t) / t, a diffusion's sqrt(1 / abar_k - 1); HI may "
+           "be inf); not with --cfg_interval")
     a("--cache_method", default="none", choices=["none", "fora", "taylorseer"],
       help="cached steps (off by default): between whole model calls, reuse each block's attention and MLP outputs "
            "(fora) or forecast them to first order in time (taylorseer)")

@@ -76,8 +76,9 @@ def sample_settings(args, loaded, clip: bool, sampling: dict) -> dict:
     """Everything that decides the images of a sample folder (``sampling``: generate's keyword arguments; a flow's
     settings and a guidance interval are recorded only when they apply, so older folders still compare equal)."""
     extra = {}
-    if sampling.get("cfg_interval") is not None:
-        extra["cfg_interval"] = list(sampling["cfg_interval"])
+    for key in ("cfg_interval", "cfg_interval_sigma"):
+        if sampling.get(key) is not None:
+            extra[key] = list(sampling[key])
     if sampling.get("cache") is not None:
         c = sampling["cache"]
         extra["cache"] = {"method": c.method, "interval": c.interval, "warmup": c.warmup}

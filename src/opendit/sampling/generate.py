@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,28 +26,67 @@ SDE_ONLY = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
 
 
 def guidance_time(objective, t: torch.Tensor) -> float:
-    """The time of a model call on the common axis of ``--cfg_interval``: 0 = pure noise, 1 = data. A flow's t is
-    that already; a diffusion's timestep k (0..999, 999 the noisiest) is 1 - k / 1000."""
+    """The time of a model call on the axis of ``--cfg_interval``: 0 = pure noise, 1 = data. A flow's t is that
+    already; a diffusion's timestep k (0..999, 999 the noisiest) is 1 - k / 1000."""
     t0 = float(t.reshape(-1)[0])
     return t0 if isinstance(objective, Transport) else 1.0 - t0 / 1000.0
 
 
+_DIFFUSION_SIGMAS: list[float] = []
+
+
+def noise_level(objective, t: torch.Tensor) -> float:
+    """The noise level sigma of a model call on the axis of ``--cfg_interval_sigma``, in the model's own schedule: the
+    noise-to-signal ratio of x_t = a (data + sigma noise). A flow at t: sigma_t / alpha_t of its path ((1 - t) / t on
+    the Linear path; inf at t = 0); a diffusion at timestep k: sqrt(1 / abar_k - 1) of DiT's 1000-step schedule (what
+    EDM calls the sigma of a VP model)."""
+    t0 = float(t.reshape(-1)[0])
+    if isinstance(objective, Transport):
+        tt = torch.tensor(t0, dtype=torch.float64)
+        alpha, sigma = float(objective.path.alpha(tt)[0]), float(objective.path.sigma(tt)[0])
+        return math.inf if alpha == 0.0 else sigma / alpha
+    if not _DIFFUSION_SIGMAS:
+        abar = create_diffusion("").alphas_cumprod.double()
+        _DIFFUSION_SIGMAS.extend(torch.sqrt(1.0 / abar - 1.0).tolist())
+    k = min(max(int(round(t0)), 0), len(_DIFFUSION_SIGMAS) - 1)
+    return _DIFFUSION_SIGMAS[k]
+
+
+@dataclass(frozen=True)
+class GuidanceInterval:
+    """Where guidance acts: model calls whose time t (``axis="t"``: 0 = noise, 1 = data) or noise level sigma
+    (``axis="sigma"``, the guidance-interval paper's convention) lies in [lo, hi], ends included up to the float32
+    rounding of the time the model is called with."""
+
+    lo: float
+    hi: float
+    axis: str = "t"
+
+    def contains(self, objective, t: torch.Tensor) -> bool:
+        if self.axis == "t":
+            return self.lo - 1e-6 <= guidance_time(objective, t) <= self.hi + 1e-6
+        s = noise_level(objective, t)
+        return self.lo * (1 - 1e-6) <= s <= self.hi * (1 + 1e-6)
+
+    def describe(self) -> str:
+        return f"in [{self.lo:g}, {self.hi:g}]" if self.axis == "t" else f"for sigma in [{self.lo:g}, {self.hi:g}]"
+
+
 class GuidedModel:
     """The model a sampler calls with the doubled batch [x; x] and labels [y; null]: classifier-free guidance on the
-    first ``guidance_channels`` output channels (``DiT.forward_with_cfg``) at the times inside ``interval`` (lo, hi)
-    (None: everywhere); outside it the conditional prediction alone, for both halves, from one forward of the
-    conditional half (half the compute of a guided step)."""
+    first ``guidance_channels`` output channels (``DiT.forward_with_cfg``) at the calls inside ``interval`` (a
+    GuidanceInterval, or (lo, hi) on the t axis; None: everywhere); outside it the conditional prediction alone, for
+    both halves, from one forward of the conditional half (half the compute of a guided step)."""
 
     def __init__(self, model: DiT, objective, cfg_scale: float, guidance_channels: int | None,
-                 interval: tuple[float, float] | None):
+                 interval: GuidanceInterval | tuple[float, float] | None):
         self.model, self.objective, self.cfg_scale = model, objective, cfg_scale
+        if interval is not None and not isinstance(interval, GuidanceInterval):
+            interval = GuidanceInterval(*interval)
         self.guidance_channels, self.interval = guidance_channels, interval
 
     def guided_at(self, t: torch.Tensor) -> bool:
-        if self.interval is None:
-            return True
-        lo, hi = self.interval  # ends included, up to the float32 rounding of the time the model is called with
-        return lo - 1e-6 <= guidance_time(self.objective, t) <= hi + 1e-6
+        return self.interval is None or self.interval.contains(self.objective, t)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.guided_at(t):
@@ -56,6 +97,7 @@ class GuidedModel:
 
 
 def check_interval(interval) -> tuple[float, float] | None:
+    """``--cfg_interval LO HI`` checked: 0 <= LO <= HI <= 1."""
     if interval is None:
         return None
     lo, hi = (float(v) for v in interval)
@@ -64,20 +106,47 @@ def check_interval(interval) -> tuple[float, float] | None:
     return lo, hi
 
 
+def check_sigma_interval(interval) -> tuple[float, float] | None:
+    """``--cfg_interval_sigma LO HI`` checked: 0 <= LO <= HI (HI may be inf)."""
+    if interval is None:
+        return None
+    lo, hi = (float(v) for v in interval)
+    if not (0.0 <= lo <= hi) or math.isnan(hi) or math.isinf(lo):
+        raise UserError(f"--cfg_interval_sigma {lo:g} {hi:g}: need 0 <= LO <= HI (noise levels; HI may be inf)")
+    return lo, hi
+
+
+def guidance_interval(cfg_interval=None, cfg_interval_sigma=None) -> GuidanceInterval | None:
+    """The interval of ``--cfg_interval`` or ``--cfg_interval_sigma`` (one of them at most), checked."""
+    if cfg_interval is not None and cfg_interval_sigma is not None:
+        raise UserError("--cfg_interval and --cfg_interval_sigma both give the guidance interval; pass one")
+    if (t := check_interval(cfg_interval)) is not None:
+        return GuidanceInterval(*t)
+    if (s := check_sigma_interval(cfg_interval_sigma)) is not None:
+        return GuidanceInterval(*s, axis="sigma")
+    return None
+
+
 @torch.no_grad()
 def generate(model: DiT, labels: torch.Tensor, noise: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
              cfg_scale: float = 4.0, guidance_channels: int | None = None, cfg_interval=None,
-             clip_denoised: bool = False, progress: bool = False, objective=None,
+             cfg_interval_sigma=None, clip_denoised: bool = False, progress: bool = False, objective=None,
              cache: CacheSettings | FeatureCache | None = None, **flow_options) -> torch.Tensor:
     """Sample from ``noise`` (N, C, H, W) for ``labels`` (N,). ``objective``: None or a GaussianDiffusion (the DiT
     diffusion; samplers ddpm, ddim, dpm-solver++) or a Transport (a flow; samplers ode, sde with ``flow_options``:
     sampling_method, timestep_shift, atol, rtol, diffusion_form, diffusion_norm, last_step, last_step_size).
     Guidance doubles the batch with null labels, as published; randomness beyond ``noise`` comes from the global
-    torch RNG (the ddpm/ddim loops' and the SDE's per-step noise). ``cache``: cached steps (``opendit.sampling.cache``;
-    a FeatureCache to read its counts afterwards), None: every model call runs whole."""
+    torch RNG (the ddpm/ddim loops' and the SDE's per-step noise). ``cfg_interval`` (lo, hi): guidance only at the
+    calls whose time t (0 = noise) lies in [lo, hi]; ``cfg_interval_sigma`` (lo, hi): at those whose noise level sigma
+    does (see ``noise_level``); a GuidanceInterval may be passed as ``cfg_interval``. ``cache``: cached steps
+    (``opendit.sampling.cache``; a FeatureCache to read its counts afterwards), None: every model call runs whole."""
     if cache is not None:
         cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     with cache.attach(model) if cache is not None else contextlib.nullcontext():
+        if not isinstance(cfg_interval, GuidanceInterval):
+            cfg_interval = guidance_interval(cfg_interval, cfg_interval_sigma)
+        elif cfg_interval_sigma is not None:
+            raise UserError("--cfg_interval and --cfg_interval_sigma both give the guidance interval; pass one")
         return _generate(model, labels, noise, sampler, steps, cfg_scale, guidance_channels, cfg_interval,
                          clip_denoised, progress, objective, flow_options)
 
@@ -94,7 +163,7 @@ def _generate(model, labels, noise, sampler, steps, cfg_scale, guidance_channels
         raise TypeError(f"generate: unknown options {sorted(unknown)}")
     if cfg_scale != 1.0:
         z = torch.cat([noise, noise])
-        fn = GuidedModel(model, objective, cfg_scale, guidance_channels, check_interval(cfg_interval))
+        fn = GuidedModel(model, objective, cfg_scale, guidance_channels, cfg_interval)
         kwargs = dict(y=torch.cat([labels, torch.full_like(labels, model.num_classes)]))
     else:
         z, kwargs, fn = noise, dict(y=labels), model.forward
@@ -148,8 +217,9 @@ def describe_settings(settings: dict) -> str:
     """A sampling call's settings (``generate``'s keyword arguments) in words."""
     flow = {k: v for k, v in settings.items() if k in FLOW_OPTIONS}
     text = describe_sampler(settings["sampler"], settings["steps"], **flow) + f", cfg {settings['cfg_scale']:g}"
-    if settings.get("cfg_interval") is not None and settings["cfg_scale"] != 1.0:
-        text += " in [{:g}, {:g}]".format(*settings["cfg_interval"])
+    if settings["cfg_scale"] != 1.0:
+        if (interval := guidance_interval(settings.get("cfg_interval"), settings.get("cfg_interval_sigma"))):
+            text += " " + interval.describe()
     if settings.get("cache") is not None:
         text += ", " + settings["cache"].describe()
     if flow.get("timestep_shift") not in (None, 1.0):

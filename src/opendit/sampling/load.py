@@ -177,7 +177,7 @@ def sampler_settings(args, loaded: Loaded) -> dict:
     """The keyword arguments of ``generate`` for the sampling flags (the sampler resolved for the objective; flow
     options only for a flow), checked against the checkpoint's objective."""
     from .cache import cache_from_flags
-    from .generate import DIFFUSION_SAMPLERS, FLOW_OPTIONS, FLOW_SAMPLERS, ODE_ONLY, SDE_ONLY, check_interval
+    from .generate import DIFFUSION_SAMPLERS, FLOW_OPTIONS, FLOW_SAMPLERS, ODE_ONLY, SDE_ONLY, guidance_interval
 
     kind = objective_name(loaded.objective)
     sampler = args.sampler if args.sampler != "auto" else ("ode" if kind == "flow" else "ddpm")
@@ -195,8 +195,11 @@ def sampler_settings(args, loaded: Loaded) -> dict:
                         + (" (a flow predicts no x0 to clamp)" if ignored[0] == "clip_denoised" else ""))
     if args.num_sampling_steps < 2 and kind == "flow":
         raise UserError("--num_sampling_steps: a flow sampler's grid needs at least 2 points")
+    interval = guidance_interval(args.cfg_interval, getattr(args, "cfg_interval_sigma", None))
     out = dict(sampler=sampler, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
-               guidance_channels=args.guidance_channels, cfg_interval=check_interval(args.cfg_interval))
+               guidance_channels=args.guidance_channels, cfg_interval=None, cfg_interval_sigma=None)
+    if interval is not None:
+        out["cfg_interval" if interval.axis == "t" else "cfg_interval_sigma"] = (interval.lo, interval.hi)
     if (cache := cache_from_flags(getattr(args, "cache_method", None), getattr(args, "cache_interval", None),
                                   getattr(args, "cache_warmup", None))) is not None:
         out["cache"] = cache
