@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY, only_run_dir, read_metrics, run, run_cut_at_first_checkpoint, run_train, REPO
-from reference_repa import naive_dinov2
+from reference_repa import naive_dinov2, repa_targets
 from opendit.alignment import PREFIX, RepaLoss, alignment_loss, attach_projectors, build_encoders, encode, match_grid
 from opendit.alignment import dinov2
 from opendit.errors import UserError
@@ -98,31 +98,69 @@ def test_projectors_have_the_published_shape_apart_from_the_dit_layout():
     DiT_models["DiT-XL/2"](input_size=32).load_state_dict(dit, strict=True)
 
 
-@pytest.mark.parametrize("size,registers,heads", [("b", 0, 2), ("g", 4, 2)])
-def test_dinov2_equals_a_naive_forward_of_the_released_layout(tmp_path, monkeypatch, size, registers, heads):
-    width = 32
+def small_dinov2(monkeypatch, tmp_path, size, registers, heads=2, width=32, seed=0):
+    """(state dict, weights file, encoder name) of a 2-block DINOv2 of the released layout (37 x 37 position table),
+    random weights."""
     ffn = "swiglu" if size == "g" else "mlp"
     monkeypatch.setitem(dinov2.SIZES, size, (width, 2, heads, ffn, dinov2.SIZES[size][4]))  # a small copy
     net = dinov2.DINOv2(size, registers)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     sd = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in net.state_dict().items()}
-    expected_keys = {"cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight", "norm.weight",
-                     "blocks.1.ls2.gamma", "blocks.0.attn.qkv.weight", "blocks.0.norm1.bias"}
-    expected_keys |= {"blocks.0.mlp.w12.weight", "blocks.0.mlp.w3.bias", "register_tokens"} if size == "g" else \
-        {"blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias"}
-    assert expected_keys <= set(sd) and sd["pos_embed"].shape == (1, 1 + 37 * 37, width)
-    name = f"dinov2-vit-{size}" + ("-reg" if registers else "")
     file = tmp_path / dinov2.weights_file_name(size, registers)
     torch.save(sd, file)
-    enc = build_encoders(name, str(file), "cpu")[0]
-    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1  # 32 px -> 28 px (2 x 2 patches), ImageNet-normalized
-    got = encode([enc], images)[0]
-    x = (images + 1) / 2
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bicubic", align_corners=False)
-    want = naive_dinov2(sd, x, heads, registers)
-    assert got.shape == (2, 4, width)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32, different summation orders
+    return sd, file, f"dinov2-vit-{size}" + ("-reg" if registers else "")
+
+
+@pytest.mark.parametrize("size,registers", [("s", 0), ("b", 0), ("b", 4), ("g", 4)])
+def test_dinov2_network_equals_the_release_forward(tmp_path, monkeypatch, size, registers):
+    """Our DINOv2 with the released 37 x 37 table, at 224 px (16 x 16 patches, the table interpolated at run time with
+    the variant's settings) and at 518 px (the table as is), against DinoVisionTransformer.forward_features written out
+    (tests/reference_repa.py)."""
+    sd, file, _ = small_dinov2(monkeypatch, tmp_path, size, registers)
+    expected_keys = {"cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight", "norm.weight",
+                     "blocks.1.ls2.gamma", "blocks.0.attn.qkv.weight", "blocks.0.norm1.bias"}
+    expected_keys |= {"blocks.0.mlp.w12.weight", "blocks.0.mlp.w3.bias"} if size == "g" else \
+        {"blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias"}
+    expected_keys |= {"register_tokens"} if registers else set()
+    assert expected_keys <= set(sd) and sd["pos_embed"].shape == (1, 1 + 37 * 37, 32)
+    net = dinov2.load_dinov2(size, registers, str(file))
+    g = torch.Generator().manual_seed(1)
+    for px in (224, 518):
+        x = torch.randn(2, 3, px, px, generator=g)
+        with torch.no_grad():
+            got = net(x)
+        torch.testing.assert_close(got, naive_dinov2(sd, x, 2, registers), rtol=1e-4, atol=1e-4)  # fp32 orders
+    # the other variant's interpolation settings give other features at 224 px (the bug this test guards against)
+    net.interpolate_antialias, net.interpolate_offset = (False, 0.1) if registers else (True, 0.0)
+    x = torch.randn(2, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        assert (net(x) - naive_dinov2(sd, x, 2, registers)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("size,registers", [("s", 0), ("b", 0), ("b", 4)])
+def test_repa_targets_equal_repa_s_own_pipeline(tmp_path, monkeypatch, size, registers):
+    """The --repa_encoder features of 256 px images equal what REPA's training aligns to: the table resampled once by
+    timm (antialiased bicubic) to 16 x 16, the image normalized and resized to 224 px (tests/reference_repa.py
+    repa_targets, written from REPA's utils.py and train.py); the encoder built for the image size (extraction, and the
+    trainer) or fixing its table at the first batch give the same."""
+    sd, file, name = small_dinov2(monkeypatch, tmp_path, size, registers)
+    g = torch.Generator().manual_seed(2)
+    raw = torch.randint(0, 256, (2, 3, 256, 256), generator=g).float()  # uint8 pixel values
+    images = raw / 127.5 - 1  # the data sets' [-1, 1]
+    want = repa_targets(sd, raw, 2, registers)
+    for image_size in (256, None):
+        enc = build_encoders(name, str(file), "cpu", image_size)[0]
+        got = encode([enc], images)[0]
+        assert got.shape == (2, 256, 32)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the port before this fix: the 37 x 37 table interpolated at run time with the plain variant's settings (for the
+    # _reg variant REPA's resampling equals its own run-time interpolation; the plain settings do not)
+    net = dinov2.load_dinov2(size, registers, str(file))
+    net.interpolate_antialias, net.interpolate_offset = False, 0.1
+    x = torch.nn.functional.interpolate((raw / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+                                        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), 224, mode="bicubic")
+    with torch.no_grad():
+        assert (net(x) - want).norm() / want.norm() > 1e-3
     # the hub cache is the default place; absent and offline: one line naming the file and where to put it
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     monkeypatch.setenv("OPENDIT_OFFLINE", "1")
@@ -130,7 +168,7 @@ def test_dinov2_equals_a_naive_forward_of_the_released_layout(tmp_path, monkeypa
         build_encoders(name, None, "cpu")
     os.makedirs(tmp_path / "hub" / "hub" / "checkpoints")
     shutil.copy(file, tmp_path / "hub" / "hub" / "checkpoints" / file.name)
-    torch.testing.assert_close(encode(build_encoders(name, None, "cpu"), images)[0], got)
+    torch.testing.assert_close(encode(build_encoders(name, None, "cpu", 256), images)[0], want, rtol=1e-4, atol=1e-4)
 
 
 def test_the_digits_encoder_is_the_classifiers_feature_map():
@@ -269,3 +307,48 @@ def test_bad_repa_input_is_one_line_and_exit_2(case, tmp_path):
             "missing_hub_file": f"put it at {tmp_path / 'torch' / 'hub' / 'checkpoints' / 'dinov2_vitb14_pretrain.pth'}",
             "weights_for_digits": "takes no weights file", "bad_factory": "cannot import"}[case]
     assert want in lines[0]
+
+
+def test_a_repa_step_s_alignment_loss_equals_repa_s_own(tmp_path, monkeypatch):
+    """The alignment term of our step (encoder features of 256 px images, the tokens after block 2, the projector,
+    RepaLoss) equals REPA's on the same weights and inputs: zs from its encoder pipeline (repa_targets), zs_tilde from
+    its SiT.forward (projector applied to x.reshape(-1, D) after block encoder_depth), proj_loss as loss.py SILoss
+    computes it (mean_flat of -cos per sample, summed over encoders and samples, / (len(zs) * bsz))."""
+    sd, file, name = small_dinov2(monkeypatch, tmp_path, "b", 0)
+    torch.manual_seed(0)
+    model = DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+    projectors = attach_projectors(model, [32], width=64, seed=0)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    raw = torch.randint(0, 256, (2, 3, 256, 256), generator=g).float()
+    latents, noise = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 4, 32, 32, generator=g)
+    t_repa, y = torch.tensor([0.3, 0.8]), torch.tensor([3, 9])
+    x_t = (1 - t_repa).view(-1, 1, 1, 1) * latents + t_repa.view(-1, 1, 1, 1) * noise  # REPA: 0 = data
+
+    # ours
+    feats = encode(build_encoders(name, str(file), "cpu", 256), raw / 127.5 - 1)
+    _, hidden = model(x_t, t_repa, y, return_hidden=(2,))
+    batch = StepBatch(latents, y, t_repa, None, latents, features=feats)
+    ours = RepaLoss(projectors, depth=2, weight=0.5, grid=model.x_embedder.grid_size)(hidden, batch)
+
+    # REPA's: SiT.forward up to encoder_depth = 2, then SILoss's projection loss
+    zs = [repa_targets(sd, raw, 2, 0)]
+    with torch.no_grad():
+        x = model.x_embedder(x_t) + model.pos_embed
+        n, t, d = x.shape
+        c = model.t_embedder(t_repa) + model.y_embedder(y, False)
+        for i, block in enumerate(model.blocks):
+            x = block(x, c)
+            if i + 1 == 2:
+                zs_tilde = [proj(x.reshape(-1, d)).reshape(n, t, -1) for proj in model.projectors]
+                break
+        proj_loss = 0.0
+        for z, z_tilde in zip(zs, zs_tilde):
+            for z_j, z_tilde_j in zip(z, z_tilde):
+                z_tilde_j = torch.nn.functional.normalize(z_tilde_j, dim=-1)
+                z_j = torch.nn.functional.normalize(z_j, dim=-1)
+                proj_loss += torch.mean(-(z_j * z_tilde_j).sum(dim=-1))
+        proj_loss /= len(zs) * n
+    assert ours.item() == pytest.approx(float(proj_loss), rel=1e-5, abs=1e-6)

@@ -7,7 +7,14 @@ published weights load without the hub's code: the parameter names are those of 
          ("x_norm_patchtokens" of the release; what REPA aligns to)
 
 A ViT with a class token, optional register tokens, LayerScale, and a learned position table for a 37 x 37 grid
-(518 px) that is resized bicubically to other grids the way the release does it (scale factor (g + 0.1) / 37).
+(518 px). Two resizings of that table, each as its released code does it:
+
+- ``resample_position_table(g)``: once, to the alignment grid, as REPA does when it loads the encoder (REPA utils.py
+  load_encoders: timm's ``resample_abs_pos_embed``, bicubic with antialiasing to size (g, g), timm 1.0.x); the table
+  is then used as is for g x g patches (DINOv2 returns its table unchanged when the grid matches).
+- at run time, for a grid the table does not have, DINOv2's ``interpolate_pos_encoding`` with the variant's settings
+  (hub/backbones.py): the plain models bicubic without antialiasing at scale factor (g + 0.1) / M, the ``_reg`` models
+  bicubic with antialiasing to size (g, g) (``interpolate_antialias=True, interpolate_offset=0.0``).
 """
 
 from __future__ import annotations
@@ -90,11 +97,25 @@ class ViTBlock(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+def resample_abs_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1 + M * M, D) -> (1, 1 + grid * grid, D): the class entry kept, the patch table resized bicubically with
+    antialiasing to (grid, grid) in float32 (what timm 1.0's resample_abs_pos_embed does with its defaults)."""
+    m = math.isqrt(table.shape[1] - 1)
+    if grid == m:
+        return table
+    patches = table[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(table.dtype)
+    return torch.cat([table[:, :1], patches], dim=1)
+
+
 class DINOv2(nn.Module):
     def __init__(self, size: str = "b", registers: int = 0, grid: int = PRETRAIN_GRID):
         super().__init__()
         dim, depth, heads, ffn, _ = SIZES[size]
         self.dim, self.registers = dim, registers
+        # the release's run-time interpolation settings: dinov2_vit*14_reg pass antialias on and no offset
+        self.interpolate_antialias, self.interpolate_offset = (True, 0.0) if registers else (False, 0.1)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, PATCH, PATCH)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -105,14 +126,31 @@ class DINOv2(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(dim, heads, ffn) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
+    @property
+    def grid(self) -> int:
+        """The side of the position table's patch grid (37 as released; the alignment grid once resampled)."""
+        return math.isqrt(self.pos_embed.shape[1] - 1)
+
+    @torch.no_grad()
+    def resample_position_table(self, grid: int) -> None:
+        """Resize the position table to a grid x grid patch grid once (REPA's load-time resampling)."""
+        if grid != self.grid:
+            self.pos_embed = nn.Parameter(resample_abs_pos_embed(self.pos_embed.data, grid),
+                                          requires_grad=self.pos_embed.requires_grad)
+
     def position_table(self, h: int, w: int) -> torch.Tensor:
-        """(1, 1 + h w, D): the class entry and the patch table resized to an h x w grid (bicubic, as released)."""
-        table = self.pos_embed.float()
-        m = int(math.isqrt(table.shape[1] - 1))
+        """(1, 1 + h w, D): the table as is for its own square grid, else resized at run time as the release's
+        interpolate_pos_encoding does (float32; the variant's antialiasing and offset)."""
+        m = self.grid
         if (h, w) == (m, m):
-            return table
+            return self.pos_embed
+        table = self.pos_embed.float()
         patches = table[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
-        patches = F.interpolate(patches, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic")
+        if self.interpolate_offset:
+            size = dict(scale_factor=((h + self.interpolate_offset) / m, (w + self.interpolate_offset) / m))
+        else:
+            size = dict(size=(h, w))
+        patches = F.interpolate(patches, mode="bicubic", antialias=self.interpolate_antialias, **size)
         return torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +178,9 @@ def find_weights(size: str, registers: int, path: str | None, flag: str) -> str:
 
 
 def load_dinov2(size: str, registers: int = 0, path: str | None = None, flag: str = "--repa_encoder_weights",
-                device="cpu") -> DINOv2:
-    """The released DINOv2 of ``size`` (s, b, l, g) in eval mode, frozen, on ``device``."""
+                device="cpu", grid: int | None = None) -> DINOv2:
+    """The released DINOv2 of ``size`` (s, b, l, g) in eval mode, frozen, on ``device``; with ``grid``, its position
+    table resampled once to that patch grid (REPA's loading)."""
     file = find_weights(size, registers, path, flag)
     try:
         if file.endswith(".safetensors"):
@@ -162,4 +201,6 @@ def load_dinov2(size: str, registers: int = 0, path: str | None = None, flag: st
         raise UserError(f"{flag} {file} is not the DINOv2 ViT-{size.upper()}/14{' with registers' if registers else ''} "
                         f"({len(wrong)} missing, misshapen or unexpected keys, e.g. {wrong[0]})")
     net.load_state_dict(sd)
+    if grid is not None:
+        net.resample_position_table(grid)
     return net.eval().requires_grad_(False).to(device)

@@ -4,9 +4,13 @@ An encoder maps images in [-1, 1], (N, C, S, S), to features (N, T, D) on a squa
 has ``name`` and ``feature_dim``. The names ``--repa_encoder`` takes (comma-separated for several):
 
     dinov2-vit-s, dinov2-vit-b, dinov2-vit-l, dinov2-vit-g   DINOv2 (REPA's choice: dinov2-vit-b); "-reg" suffix: the
-                                                             variants with 4 register tokens. Images are resized to
-                                                             14 * round(S / 16) px (224 for 256 px, as published) and
-                                                             ImageNet-normalized; features: the normalized patch tokens
+                                                             variants with 4 register tokens. As in REPA's training
+                                                             (train.py preprocess_raw_image, utils.py load_encoders):
+                                                             images ImageNet-normalized, then resized bicubically to
+                                                             14 g px, g = round(S / 16) (224 for 256 px, 448 for 512);
+                                                             the position table resampled once to g x g (timm's
+                                                             antialiased bicubic); features: the normalized patch
+                                                             tokens (x_norm_patchtokens)
     digits                                                   the project's digits classifier (8x8 gray images): its
                                                              4 x 4 x 64 feature map before the dense layers
     package.module:factory                                   any callable ``factory()`` returning such an encoder
@@ -50,19 +54,34 @@ def dinov2_variant(name: str) -> tuple[str, int]:
 
 
 class DINOv2Encoder:
-    """A (frozen) ``alignment.dinov2.DINOv2`` network with the preprocessing it expects."""
+    """A (frozen) ``alignment.dinov2.DINOv2`` network with the preprocessing it expects. Its position table is
+    resampled once to the alignment grid of ``image_size`` (or of the first images it sees), as REPA loads it; images
+    of another size later go through DINOv2's own run-time interpolation of that table."""
 
-    def __init__(self, name: str, net, device):
+    def __init__(self, name: str, net, device, image_size: int | None = None):
         self.name, self.net, self.feature_dim = name, net, net.dim
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.table_fixed = False
+        if image_size is not None:
+            self.fix_table(image_size)
 
     @staticmethod
-    def resolution(image_size: int) -> int:
-        return 14 * max(1, round(image_size / 16))
+    def grid(image_size: int) -> int:
+        return max(1, round(image_size / 16))
+
+    @classmethod
+    def resolution(cls, image_size: int) -> int:
+        return 14 * cls.grid(image_size)
+
+    def fix_table(self, image_size: int) -> None:
+        self.net.resample_position_table(self.grid(image_size))
+        self.table_fixed = True
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.table_fixed:
+            self.fix_table(images.shape[-1])
         x = (images.float() + 1) / 2
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -99,9 +118,9 @@ def load_factory(spec: str, device):
     return enc
 
 
-def build_encoders(spec: str | None, weights: str | None, device) -> list:
+def build_encoders(spec: str | None, weights: str | None, device, image_size: int | None = None) -> list:
     """The encoders of ``--repa_encoder`` (``weights``: ``--repa_encoder_weights``, one file per encoder in order,
-    comma-separated; an empty entry: the default place)."""
+    comma-separated; an empty entry: the default place) for images of ``image_size`` (None: the first batch's)."""
     names = parse_specs(spec)
     files = [w.strip() or None for w in weights.split(",")] if weights else []
     if len(files) > len(names):
@@ -112,7 +131,8 @@ def build_encoders(spec: str | None, weights: str | None, device) -> list:
         if name in DINOV2_NAMES:
             from .dinov2 import load_dinov2
 
-            encoders.append(DINOv2Encoder(name, load_dinov2(*dinov2_variant(name), file, device=device), device))
+            net = load_dinov2(*dinov2_variant(name), file, device=device)
+            encoders.append(DINOv2Encoder(name, net, device, image_size))
             continue
         if file is not None:
             raise UserError(f"--repa_encoder_weights: the encoder {name} takes no weights file")

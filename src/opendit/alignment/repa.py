@@ -117,7 +117,8 @@ def setup_alignment(args, model: nn.Module, dataset, device) -> Alignment | None
             raise UserError("--repa_encoder_weights: the latents bring precomputed features; no encoder is loaded")
         encoders, dims = None, list(dataset.encoder_dims)
     else:
-        encoders = build_encoders(args.repa_encoder, args.repa_encoder_weights, device)
+        image_size = getattr(args, "image_size", None) or getattr(dataset, "image_size", None)
+        encoders = build_encoders(args.repa_encoder, args.repa_encoder_weights, device, image_size)
         dims = [e.feature_dim for e in encoders]
     projectors = attach_projectors(model, dims, args.repa_projector_dim, seed=args.global_seed + 1)
     return Alignment(RepaLoss(projectors, args.repa_depth, args.repa_lambda, model.x_embedder.grid_size), encoders,

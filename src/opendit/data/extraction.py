@@ -69,7 +69,7 @@ def extract(args) -> int:
     from ..alignment import build_encoders, encode, parse_specs
 
     encoder_names = parse_specs(args.repa_encoder)
-    encoders = build_encoders(args.repa_encoder, args.repa_encoder_weights, env.device)
+    encoders = build_encoders(args.repa_encoder, args.repa_encoder_weights, env.device, args.image_size)
     if args.image_size % codec.downsample:
         raise UserError(f"--image_size {args.image_size} is not divisible by the VAE's downsampling {codec.downsample}")
     try:
