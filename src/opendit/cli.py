@@ -1,4 +1,5 @@
-"""The ``opendit`` command (also ``python -m opendit``): ``opendit models`` lists the model configs; ``opendit train|
+"""The ``opendit`` command (also ``python -m opendit``): ``opendit models`` lists the model configs and the published
+checkpoints ``--ckpt`` takes by name; ``opendit train|
 sample|sample-ddp|score-digits|extract-features|eval|convert|run`` run the programs of scripts/dit/ under one name."""
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def cmd_models(args) -> int:
                if name in LIGHTNING_NAMES else "  (extra: patch 1)" if cfg["patch_size"] == 1 else "  (extra: CPU-sized)")
         print(f"{name:<19} {cfg['depth']:>5} {cfg['hidden_size']:>6} {cfg['num_heads']:>5} {cfg['patch_size']:>5} "
               f"{m.x_embedder.num_patches:>6} {n / 1e6:>9.2f}M{tag}")
+    from opendit.published import describe_published
+
+    print("\n".join(describe_published()))
     return 0
 
 

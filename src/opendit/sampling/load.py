@@ -76,6 +76,10 @@ def latent_norm(args, run_cfg: dict | None) -> LatentNorm | None:
     """The per-channel latent normalization the model was trained with: --latent_stats, else the run's record."""
     run = (run_cfg or {}).get("latent_stats")
     multiplier = getattr(args, "latent_multiplier", None)
+    if not getattr(args, "latent_stats", None) and run is None:
+        from ..published import fetch_latent_stats
+
+        args.latent_stats = fetch_latent_stats(getattr(args, "ckpt", None))  # a published LightningDiT's statistics
     if getattr(args, "latent_stats", None):
         return load_latent_stats(args.latent_stats, multiplier if multiplier is not None else
                                  (run or {}).get("multiplier", 1.0))
@@ -111,7 +115,7 @@ def load_for_sampling(args, device, precision=None) -> Loaded:
                 mlp_ratio=cfg["mlp_ratio"], class_dropout_prob=0.1, num_classes=cfg["num_classes"],
                 learn_sigma=cfg["learn_sigma"], **checkpoint_block_options(run_cfg, cfg))
     load_into(model, sd, f"--ckpt {source}")
-    objective, note = resolve_objective(args, run_cfg, sd, cfg, source)
+    objective, note = resolve_objective(args, run_cfg, sd, cfg, source, published_objective(args.ckpt))
     model = model.to(device).eval().set_attention_impl(options.attention)
     names = (run_cfg or {}).get("class_names") or [str(i) for i in range(cfg["num_classes"])]
     return Loaded(model, space, name, cfg["num_classes"], names, source, objective, note)
@@ -135,11 +139,24 @@ def trained_kind(sd: dict, cfg: dict) -> str | None:
     return "flow" if untouched else "diffusion"
 
 
-def resolve_objective(args, run_cfg: dict | None, sd: dict, cfg: dict, source: str):
-    """The objective to sample with: the run's (config.json), else --objective, else what the weights say; a flag
-    that contradicts the run or the weights is a one-line error (a flow sampled as a diffusion gives noise)."""
+def published_objective(ckpt: str | None) -> str | None:
+    """What a published checkpoint (by name, or its file kept elsewhere) was trained as."""
+    import os
+
+    from ..published import PUBLISHED
+
+    p = PUBLISHED.get(os.path.basename(ckpt or ""))
+    return p.objective if p is not None else None
+
+
+def resolve_objective(args, run_cfg: dict | None, sd: dict, cfg: dict, source: str, published: str | None = None):
+    """The objective to sample with: the run's (config.json), else --objective, else what the weights say, else what
+    the published checkpoint of that name was trained as; a flag that contradicts the run or the weights is a
+    one-line error (a flow sampled as a diffusion gives noise)."""
     flag = getattr(args, "objective", "auto") or "auto"
     weights = trained_kind(sd, cfg)
+    if weights is None and published is not None and run_cfg is None:
+        weights = published
     if run_cfg is not None:
         kind, why = run_cfg.get("objective") or "diffusion", "the run's config.json"
         settings = dict(run_cfg, objective=kind)

@@ -22,6 +22,7 @@ one is used instead. Everything loads without executing pickled code.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -355,8 +356,9 @@ def load_state_dict_file(path: str) -> dict:
             return load_file(path)
         except Exception as e:
             raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a training checkpoint's argparse.Namespace (REPA's, SiT's) is plain data: allowed, and nothing else
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(_refusal(path, e)) from None
     except Exception as e:  # truncated or not a torch file
@@ -368,6 +370,13 @@ def load_state_dict_file(path: str) -> dict:
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
     return obj
+
+
+def release_layout(sd: dict) -> dict:
+    """A bare state dict in our layout: REPA's release (projectors inside, time reversed) converted exactly."""
+    from ..published import from_repa_layout, is_repa_layout
+
+    return from_repa_layout(sd) if is_repa_layout(sd) else sd
 
 
 CONFIG_FILE = "config.json"
@@ -405,13 +414,19 @@ def read_run_config(run_dir: str | None) -> dict | None:
 def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str, dict | None]:
     """(state dict, the weights file it came from, the run's config.json or None) for every checkpoint people have: a
     bare state dict (.pt, e.g. the published DiT-XL-2-256x256.pt), our ema.pt, a .safetensors file, a checkpoint's
-    model/ folder, a checkpoint directory or a run directory (EMA unless ``use_model_weights``)."""
+    model/ folder, a checkpoint directory or a run directory (EMA unless ``use_model_weights``); or the name of a
+    published checkpoint (``opendit.published``: fetched into the hub cache). REPA's release layout comes back in ours
+    (``opendit.published.from_repa_layout``)."""
+    from ..published import PUBLISHED, fetch_published, unknown_name_hint
+
     if not os.path.exists(path):
-        raise UserError(f"--ckpt {path}: no such file or directory")
+        if path not in PUBLISHED:
+            raise UserError(f"--ckpt {path}: no such file or directory{unknown_name_hint(path)}")
+        path = fetch_published(path)
     cfg = read_run_config(run_dir_of(path))
     path = os.path.normpath(path)
     if os.path.isfile(path):
-        return load_state_dict_file(path), path, cfg
+        return release_layout(load_state_dict_file(path)), path, cfg
     if os.path.isfile(os.path.join(path, "model.safetensors")):  # epochXX-global_stepXX/model
         file = os.path.join(path, "model.safetensors")
         return load_state_dict_file(file), file, cfg
