@@ -121,6 +121,13 @@ CASES = {
     "sample: wrong model": (SAMPLE, ["--ckpt", "{ckpt}", "--model", "DiT-S/2"], "--model is DiT-S/2"),
     "sample: bad labels": (SAMPLE, ["--ckpt", "{ckpt}", "--labels", "3,x"], "comma-separated list"),
     "sample-ddp: zero samples": (SAMPLE_DDP, ["--ckpt", "{ckpt}", "--num_samples", "0"], "must be an integer >= 1"),
+    "sample: unknown published name": (SAMPLE, ["--ckpt", "SiT-XL-2-256.pt"], "did you mean the published SiT-XL-2-256x256.pt"),
+    "sample: cfg interval lo > hi": (SAMPLE, ["--ckpt", "{ckpt}", "--cfg_interval", "0.7", "0.3"], "need 0 <= LO <= HI"),
+    "sample: sigma interval lo > hi": (SAMPLE_DDP, ["--ckpt", "{ckpt}", "--cfg_interval_sigma", "5", "1"],
+                                       "need 0 <= LO <= HI"),
+    "sample: both interval flags": (SAMPLE, ["--ckpt", "{ckpt}", "--cfg_interval", "0", "1", "--cfg_interval_sigma", "0",
+                                             "inf"], "both give the guidance interval"),
+    "sample: negative sigma": (SAMPLE, ["--ckpt", "{ckpt}", "--cfg_interval_sigma", "-1", "2"], "a number >= 0 or inf"),
     # the hostfile launcher
     "run: missing hostfile": (LAUNCH, ["--hostfile", "{tmp}/hosts", "scripts/dit/train.py"], "No such file"),
     "run: malformed hostfile": (LAUNCH, ["--hostfile", "{hosts_bad}", "scripts/dit/train.py"], "expected 'HOST [slots=N]'"),

@@ -32,7 +32,7 @@ from opendit.models import DiT
 from opendit.objectives import build_objective
 from opendit.recipes import config_argv
 from opendit.sample_ddp import build_parser as ddp_parser
-from opendit.sampling.generate import FLOW_OPTIONS, generate
+from opendit.sampling.generate import DEFAULT_METHOD, FLOW_OPTIONS, generate
 from opendit.sampling.load import sampler_settings
 from opendit.train import build_parser as train_parser
 
@@ -340,3 +340,84 @@ def test_every_shipped_recipe_has_a_pinned_sampler():
     pinned = {"dit-xl-2-imagenet256.toml", "sit-xl-2-imagenet256.toml", "repa-sit-xl-2-imagenet256.toml",
               "lightningdit-xl-1-imagenet256.toml", "digits-demo.toml", "digits-flow.toml", "digits-repa.toml"}
     assert set(os.listdir(os.path.join(REPO, "recipes"))) == pinned
+
+
+# ----------------------------------------------------------------------------- commands for published checkpoints
+
+# what each published checkpoint's own sampler does (beyond the recipes above): guided channels, interval, and for the
+# guidance-interval models the scale that goes with it
+PUBLISHED_SAMPLER = {
+    "DiT-XL-2-256x256.pt": dict(sampler="ddpm", steps=250, guidance_channels=3, cfg_interval=None),
+    "DiT-XL-2-512x512.pt": dict(sampler="ddpm", steps=250, guidance_channels=3, cfg_interval=None),
+    "SiT-XL-2-256x256.pt": dict(sampler="sde", steps=250, guidance_channels=3, cfg_interval=None,
+                                sampling_method="Euler", diffusion_form="sigma", last_step="Mean", last_step_size=0.04),
+    "REPA-SiT-XL-2-256x256.pt": dict(sampler="sde", steps=250, guidance_channels=None, cfg_interval=(0.3, 1.0),
+                                     cfg_scale=1.8, sampling_method="Euler", diffusion_form="sigma"),
+    "lightningdit-xl-imagenet256-64ep.pt": dict(sampler="ode", steps=250, guidance_channels=3,
+                                                cfg_interval=(0.1, 1.0), cfg_scale=10.0, timestep_shift=0.3),
+    "lightningdit-xl-imagenet256-800ep.pt": dict(sampler="ode", steps=250, guidance_channels=3,
+                                                 cfg_interval=(0.125, 1.0), cfg_scale=6.7, timestep_shift=0.3),
+}
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of the fenced shell blocks of a markdown text, continuation lines joined, comments dropped."""
+    out, block = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            block = not block
+            continue
+        if block:
+            line = line.split("  #")[0].split(" # ")[0].rstrip()
+            if out and out[-1].endswith("\\"):
+                out[-1] = out[-1][:-1].rstrip() + " " + line.strip()
+            elif line.strip() and not line.lstrip().startswith("#"):
+                out.append(line.strip())
+    return out
+
+
+def published_commands() -> list[tuple[str, str]]:
+    """(command, published name) of every README command and `opendit models` command that samples a published
+    checkpoint."""
+    from opendit.published import PUBLISHED
+
+    readme = open(os.path.join(REPO, "README.md")).read() + open(os.path.join(REPO, "docs", "lightningdit.md")).read()
+    cmds = [c for c in shell_commands(readme) if ("sample_dit.py" in c or "sample_ddp.py" in c) and "--ckpt" in c]
+    cmds += [p.command for p in PUBLISHED.values()]
+    found = []
+    for c in cmds:
+        words = c.split()
+        name = os.path.basename(words[words.index("--ckpt") + 1])
+        if name in PUBLISHED:
+            found.append((c, name))
+    return found
+
+
+@pytest.mark.parametrize("command,name", published_commands())
+def test_every_command_for_a_published_checkpoint_runs_its_published_sampler(command, name, monkeypatch):
+    from opendit.published import PUBLISHED
+    from opendit.recipes import parse_with_config
+    from opendit.sample import build_parser as grid_parser
+    from opendit.transport import create_transport
+
+    monkeypatch.chdir(REPO)  # the commands name recipes/ relative to the checkout
+    words = command.split()
+    script = next(i for i, w in enumerate(words) if w.endswith((".py")))
+    parser = ddp_parser() if words[script].endswith("sample_ddp.py") else grid_parser()
+    args, _ = parse_with_config(parser, words[script + 1:], section="sample")
+    kind = PUBLISHED[name].objective
+    objective = create_transport() if kind == "flow" else build_objective({"objective": "diffusion"})
+    loaded = SimpleNamespace(objective=objective, source=name, objective_note="", in_channels=4)
+    settings = sampler_settings(args, loaded)
+    settings = {**(FLOW_OPTIONS if kind == "flow" else {}), **settings}
+    if kind == "flow" and settings["sampling_method"] is None:
+        settings["sampling_method"] = DEFAULT_METHOD[settings["sampler"]]
+    want = PUBLISHED_SAMPLER[name]
+    assert {k: settings.get(k) for k in want} == want, command
+    assert args.objective in ("auto", kind)
+
+
+def test_the_published_commands_cover_every_published_checkpoint():
+    from opendit.published import PUBLISHED
+
+    assert {name for _, name in published_commands()} == set(PUBLISHED) == set(PUBLISHED_SAMPLER)

@@ -17,7 +17,9 @@ untouched variance half (zeros), which is how a flow checkpoint is recognised.
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +84,6 @@ def fetch_published(name: str, flag: str = "--ckpt") -> str:
 
 def fetch_latent_stats(name: str) -> str | None:
     """The latent statistics file a published checkpoint needs (LightningDiT's latents_stats.pt), fetched like it."""
-    import os
-
     name = os.path.basename(name or "")  # by name, or the published file kept elsewhere
     stats = PUBLISHED[name].latent_stats if name in PUBLISHED else None
     if stats is None:
@@ -91,10 +91,14 @@ def fetch_latent_stats(name: str) -> str | None:
     return weights_file(None, stats[0], stats[1], flag="--latent_stats", what=f"latent statistics of {name}")
 
 
+def published_objective(ckpt: str | None) -> str | None:
+    """What a published checkpoint (by name, or its file kept elsewhere) was trained as; None for any other file."""
+    p = PUBLISHED.get(os.path.basename(ckpt or ""))
+    return p.objective if p is not None else None
+
+
 def unknown_name_hint(path: str) -> str:
     """For a --ckpt that is neither a file nor a published name: the closest published name, if any is close."""
-    import difflib
-
     close = difflib.get_close_matches(path, list(PUBLISHED), n=1, cutoff=0.6)
     return f" (did you mean the published {close[0]}? `opendit models` lists them)" if close else ""
 

@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..models import DiT, DiT_models, config_from_state_dict, model_config
 from ..objectives import FLOW_SETTINGS, build_objective, objective_name
 from ..parallelize import ModelOptions, check_model_options
+from ..published import fetch_latent_stats, published_objective
 from ..space import Space, sampling_space
 from ..training.checkpoint import load_into, load_weights
 from ..vae import LatentNorm, load_latent_stats, resolve_vae
@@ -77,8 +78,6 @@ def latent_norm(args, run_cfg: dict | None) -> LatentNorm | None:
     run = (run_cfg or {}).get("latent_stats")
     multiplier = getattr(args, "latent_multiplier", None)
     if not getattr(args, "latent_stats", None) and run is None:
-        from ..published import fetch_latent_stats
-
         args.latent_stats = fetch_latent_stats(getattr(args, "ckpt", None))  # a published LightningDiT's statistics
     if getattr(args, "latent_stats", None):
         return load_latent_stats(args.latent_stats, multiplier if multiplier is not None else
@@ -139,23 +138,13 @@ def trained_kind(sd: dict, cfg: dict) -> str | None:
     return "flow" if untouched else "diffusion"
 
 
-def published_objective(ckpt: str | None) -> str | None:
-    """What a published checkpoint (by name, or its file kept elsewhere) was trained as."""
-    import os
-
-    from ..published import PUBLISHED
-
-    p = PUBLISHED.get(os.path.basename(ckpt or ""))
-    return p.objective if p is not None else None
-
-
 def resolve_objective(args, run_cfg: dict | None, sd: dict, cfg: dict, source: str, published: str | None = None):
     """The objective to sample with: the run's (config.json), else --objective, else what the weights say, else what
     the published checkpoint of that name was trained as; a flag that contradicts the run or the weights is a
     one-line error (a flow sampled as a diffusion gives noise)."""
     flag = getattr(args, "objective", "auto") or "auto"
     weights = trained_kind(sd, cfg)
-    if weights is None and published is not None and run_cfg is None:
+    if weights is None and run_cfg is None:  # weights that cannot tell (no variance half): a published file's record
         weights = published
     if run_cfg is not None:
         kind, why = run_cfg.get("objective") or "diffusion", "the run's config.json"
