@@ -3,7 +3,7 @@ where the steps outside it run one forward of the conditional half (half a guide
 
 For the `make demo` (diffusion, DPM-Solver++ 20) and `make demo-flow` (flow, Heun on 11 points) checkpoints: 500
 samples (labels i mod 10, fixed noise) with no guidance, guidance 1.5 everywhere, and guidance 1.5 in [0.3, 1] and
-[0.5, 1] (0 = noise, 1 = data). Reports model calls, sample-forwards (batch rows through the DiT, relative to
+[0.5, 1] (0 = noise, 1 = data), and for sigma in [0, 2.333] (the noise-level axis: [0.3, 1]'s region for the flow). Reports model calls, sample-forwards (batch rows through the DiT, relative to
 guidance everywhere), sampling seconds in this process (best of --repeats, interleaved; no process start, no PNGs),
 and the digits scores (classifier accuracy, pixel and feature Fréchet distance).
 
@@ -30,8 +30,12 @@ from opendit.sampling.generate import generate, quick_sampler  # noqa: E402
 from opendit.sampling.load import load_for_sampling  # noqa: E402
 from sample_throughput import counted_forwards  # noqa: E402
 
-SETTINGS = [("no guidance", 1.0, None), ("cfg 1.5 everywhere", 1.5, None), ("cfg 1.5 in [0.3, 1]", 1.5, (0.3, 1.0)),
-            ("cfg 1.5 in [0.5, 1]", 1.5, (0.5, 1.0))]
+# (row, cfg scale, generate's interval keyword): REPA's published interval (t >= 0.3 in SiT's time) stated on the t
+# axis and on the sigma axis (sigma <= 7/3): the same region for a Linear flow, not for DiT's diffusion
+SETTINGS = [("no guidance", 1.0, {}), ("cfg 1.5 everywhere", 1.5, {}),
+            ("cfg 1.5 in [0.3, 1]", 1.5, {"cfg_interval": (0.3, 1.0)}),
+            ("cfg 1.5 for sigma in [0, 2.333]", 1.5, {"cfg_interval_sigma": (0.0, 2.333)}),
+            ("cfg 1.5 in [0.5, 1]", 1.5, {"cfg_interval": (0.5, 1.0)})]
 
 
 def newest_checkpoint(outputs: str) -> str:
@@ -74,8 +78,8 @@ def main() -> int:
                 torch.manual_seed(0)
                 t0 = time.perf_counter()
                 with counted_forwards(model) as calls:
-                    x = generate(model, labels, noise, cfg_scale=cfg, cfg_interval=interval,
-                                 clip_denoised=loaded.codec is None, **kind)
+                    x = generate(model, labels, noise, cfg_scale=cfg, clip_denoised=loaded.codec is None, **interval,
+                                 **kind)
                 dt = time.perf_counter() - t0
                 if name not in rows or dt < rows[name]["seconds"]:
                     rows[name] = {"seconds": dt, "calls": len(calls), "forwards": sum(calls), "images": to_uint8(x)}
