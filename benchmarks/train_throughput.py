@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import os
 import platform
 import sys
@@ -221,12 +222,17 @@ def append_markdown(args, device, train_rows, sample_rows):
     settings = (f"{args.model} @{args.image_size}px (latents), steps={args.steps}, warmup={args.warmup}, "
                 f"fast dtype={args.fast_dtype or ('bf16' if device.type == 'cuda' else 'fp32')}, "
                 f"compile={args.compile}, grad_checkpoint={args.grad_checkpoint}, modulate_kernel={args.modulate_kernel}")
-    lines += [f"## {stamp} — {device_name(device)}, torch {torch.__version__}", "", settings, ""]
+    what = f"training throughput, {args.model} @{args.image_size}" + (", compiled" if args.compile else ", eager") + \
+        (", LayerNorm+modulate kernel" if args.modulate_kernel else "") + \
+        (f", batch {'/'.join(map(str, args.batch_sizes))}" if getattr(args, "batch_sizes", None) else "")
+    lines += [f"## {stamp} — {what}, {device_name(device)}, torch {torch.__version__}", "", settings, ""]
     if train_rows:
         lines += ["| batch | config | step ms | img/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
         for r in train_rows:
+            mfu = f"{r['mfu']:.1%}" if math.isfinite(r["mfu"]) else "— (CPU)"  # no peak to compare against
+            peak = f"{r['peak_gib']:.2f}" if math.isfinite(r["peak_gib"]) else "—"
             lines.append(f"| {r['batch']} | {r['config']} | {r['step_s'] * 1e3:.1f} | {r['img_s']:.1f} | {r['tflops']:.1f} | "
-                         f"{r['mfu']:.1%} | {r['peak_gib']:.2f} |")
+                         f"{mfu} | {peak} |")
         by = {}
         for r in train_rows:
             by.setdefault(r["batch"], {})[r["config"]] = r

@@ -122,3 +122,24 @@ def read_metrics(run_dir) -> dict:
             row = json.loads(line)
             out.setdefault(row["step"], {}).update(row)  # evaluation rows add to the step's training row
     return out
+
+
+SHELL_FENCES = ("bash", "shell", "sh", "console")
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of a markdown text's fenced shell blocks (```bash, ```shell, ...), continuation lines joined,
+    comments dropped."""
+    out, block = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            block = not block and line[3:].strip() in SHELL_FENCES
+            continue
+        if not block:
+            continue
+        line = line.split("  #")[0].split(" # ")[0].rstrip()
+        if out and out[-1].endswith("\\"):
+            out[-1] = out[-1][:-1].rstrip() + " " + line.strip()
+        elif line.strip() and not line.lstrip().startswith("#"):
+            out.append(line.strip())
+    return out

@@ -104,6 +104,8 @@ CASES = {
     "train: negative max_bad_steps": ("train", ["--max_bad_steps", "-1"], "must be an integer >= 0, got -1"),
     "train: negative seed (was a traceback and a run directory)": ("train", ["--global_seed", "-1"], "argument --global_seed"),
     "train: nan lr (was a traceback)": ("train", ["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    "train: cosine loss on one channel (exploded, or did nothing)": ("train", ["--objective", "flow", "--cosine_loss"],
+                                                                      "with 1 channel it is +-1 everywhere"),
     "train: flash on cpu": ("train", ["--enable_flashattn"], "needs a CUDA GPU"),
     "train: outputs is a file": ("train", ["--outputs", "{afile}"], "is a file, not a directory"),
     "train: vae path missing": ("train", ["--vae", "{tmp}/no-vae"], "no such directory"),

@@ -34,7 +34,7 @@ FLOW = ["--objective", "flow"]
 def flow_run(tmp_path_factory):
     """A real 4-step flow run of DiT-N/2 on digits, with FID during training and the final grid."""
     out = tmp_path_factory.mktemp("flow")
-    r = run_train(*TINY, *FLOW, "--time_sampling", "logit_normal", "--cosine_loss", "--batch_size", "16",
+    r = run_train(*TINY, *FLOW, "--time_sampling", "logit_normal", "--batch_size", "16",
                   "--max_steps", "4", "--ckpt_every", "2", "--log_every", "1", "--eval_every", "4",
                   "--eval_samples", "20", "--final_samples", "1", "--final_cfg_scale", "2.0", "--outputs", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -64,12 +64,12 @@ def reference_flow_samples(ema_state: dict, labels: list[int], z: torch.Tensor, 
 def test_flow_run_records_its_objective_and_trains(flow_run):
     cfg = json.load(open(os.path.join(flow_run, "config.json")))
     assert cfg["objective"] == "flow" and cfg["path_type"] == "Linear" and cfg["prediction"] == "velocity"
-    assert cfg["time_sampling"] == "logit_normal" and cfg["cosine_loss"] == 1.0 and cfg["train_eps"] == 0.0
+    assert cfg["time_sampling"] == "logit_normal" and cfg["cosine_loss"] == 0.0 and cfg["train_eps"] == 0.0
     m = read_metrics(flow_run)
     assert sorted(k for k in m if "loss" in m[k]) == [1, 2, 3, 4] and np.isfinite(m[4]["fid"])
     assert os.path.isfile(os.path.join(flow_run, "samples.png"))
     log = open(os.path.join(flow_run, "log.txt")).read()
-    assert "objective flow (Linear path, velocity prediction, t logit_normal(0, 1), cosine loss x1)" in log
+    assert "objective flow (Linear path, velocity prediction, t logit_normal(0, 1))" in log
     assert "flow ODE heun, 11-point grid" in log
     ema = torch.load(os.path.join(list_checkpoints(flow_run)[-1], "ema.pt"), weights_only=True)
     assert trained_kind(ema, config_from_state_dict(ema)) == "flow"  # the variance half is never trained

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, shell_commands
 from opendit.diffusion.dpm_solver import dpm_solver_timesteps
 from opendit.models import DiT
 from opendit.objectives import build_objective
@@ -325,7 +325,7 @@ def test_digits_demo_recipe_is_dpm_solver_20():
     close(got, dpm_solver_2m(m, z, y, 8, 1.5))
 
 
-@pytest.mark.parametrize("name", ["digits-flow.toml", "digits-repa.toml"])
+@pytest.mark.parametrize("name", ["digits-flow.toml", "digits-repa.toml", "digits-lightning.toml"])
 def test_digits_flow_recipes_are_heun_on_11_points(name):
     settings, _, objective = recipe(name)
     assert (settings["sampler"], settings["steps"], settings["sampling_method"], settings["cfg_scale"],
@@ -338,7 +338,8 @@ def test_digits_flow_recipes_are_heun_on_11_points(name):
 
 def test_every_shipped_recipe_has_a_pinned_sampler():
     pinned = {"dit-xl-2-imagenet256.toml", "sit-xl-2-imagenet256.toml", "repa-sit-xl-2-imagenet256.toml",
-              "lightningdit-xl-1-imagenet256.toml", "digits-demo.toml", "digits-flow.toml", "digits-repa.toml"}
+              "lightningdit-xl-1-imagenet256.toml", "digits-demo.toml", "digits-flow.toml", "digits-repa.toml",
+              "digits-lightning.toml"}
     assert set(os.listdir(os.path.join(REPO, "recipes"))) == pinned
 
 
@@ -358,22 +359,6 @@ PUBLISHED_SAMPLER = {
     "lightningdit-xl-imagenet256-800ep.pt": dict(sampler="ode", steps=250, guidance_channels=3,
                                                  cfg_interval=(0.125, 1.0), cfg_scale=6.7, timestep_shift=0.3),
 }
-
-
-def shell_commands(text: str) -> list[str]:
-    """The commands of the fenced shell blocks of a markdown text, continuation lines joined, comments dropped."""
-    out, block = [], False
-    for line in text.splitlines():
-        if line.startswith("```"):
-            block = not block
-            continue
-        if block:
-            line = line.split("  #")[0].split(" # ")[0].rstrip()
-            if out and out[-1].endswith("\\"):
-                out[-1] = out[-1][:-1].rstrip() + " " + line.strip()
-            elif line.strip() and not line.lstrip().startswith("#"):
-                out.append(line.strip())
-    return out
 
 
 def published_commands() -> list[tuple[str, str]]:

@@ -293,3 +293,18 @@ def test_the_space_decides_input_size_and_channels():
     assert (s.image_size, s.channels) == (16, 3)
     with pytest.raises(UserError, match="--image_size 16, not 32"):
         sampling_space(None, (16, 16), 3, 2, CPU, image_size=32)
+
+
+def test_a_resumed_cosine_schedule_near_its_end_says_so():
+    from argparse import Namespace
+
+    from opendit.training.trainer import schedule_tail_note
+
+    args = Namespace(lr=2e-3, lr_schedule="cosine", warmup_steps=100)
+    note = schedule_tail_note(args, 2000, 2100)  # `make demo`'s run, extended by 100 steps
+    now, last = (2e-3 * (1 + math.cos(math.pi * k / 2000)) / 2 for k in (1900, 1999))  # (step - warmup) / 2000
+    assert f"runs from {now:.2g} down to {last:.2g} (peak 0.002)" in note and "--lr_schedule constant" in note
+    assert (f"{now:.2g}", f"{last:.2g}") == ("1.2e-05", "1.2e-09")
+    assert schedule_tail_note(args, 1000, 2100) is None  # half the rate left: nothing to say
+    assert schedule_tail_note(Namespace(lr=2e-3, lr_schedule="constant", warmup_steps=0), 2000, 2100) is None
+    assert schedule_tail_note(args, 2100, 2100) is None  # nothing left to train

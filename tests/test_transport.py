@@ -81,6 +81,9 @@ def test_learn_sigma_output_uses_the_first_half_and_cosine_loss_adds_its_term():
     want_cos = (1 - cos).mean(dim=(1, 2))
     torch.testing.assert_close(terms["cos"], want_cos, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(terms["loss"], plain + 0.5 * want_cos, rtol=1e-12, atol=1e-12)
+    # one channel: the cosine is +-1 everywhere (no gradient; infinite near a zero prediction): refused
+    with pytest.raises(ValueError, match="with 1 channel"):
+        create_transport(cosine_loss=1.0).training_losses(toy_model, x1[:, :1], t=t, noise=x0[:, :1])
 
 
 def test_time_sampling_interval_and_logit_normal():

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NPROC=${NPROC:-2}
-exec torchrun --standalone --nproc_per_node="$NPROC" scripts/dit/train.py \
+TORCHRUN=${TORCHRUN:-$([ -x .venv/bin/torchrun ] && echo .venv/bin/torchrun || echo torchrun)}  # the project's environment
+exec "$TORCHRUN" --standalone --nproc_per_node="$NPROC" scripts/dit/train.py \
     --model DiT-XL/2 \
     --batch_size 2 \
     --num_classes 10 \

@@ -63,7 +63,11 @@ def main(argv=None) -> int:
     if argv and argv[0] in PROGRAMS:
         import importlib
 
-        return importlib.import_module(PROGRAMS[argv[0]][0]).main(argv[1:])
+        saved, sys.argv[0] = sys.argv[0], f"opendit {argv[0]}"  # the program's usage line names the subcommand
+        try:
+            return importlib.import_module(PROGRAMS[argv[0]][0]).main(argv[1:])
+        finally:
+            sys.argv[0] = saved
     return run_main(cmd_models, ap.parse_args(argv))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 
 
@@ -20,6 +21,19 @@ class RankError(UserError):
 class TrainingFailed(Exception):
     """The run cannot go on (e.g. too many non-finite steps in a row): one line on stderr, exit code 1, the run
     directory and its checkpoints kept."""
+
+
+def reason(e: BaseException, limit: int = 160) -> str:
+    """An exception's message for a one-line error: its first line, in whole sentences (as many as fit in ``limit``
+    characters, at least the first), never cut in the middle of one."""
+    text = (str(e).strip().splitlines() or [""])[0].strip() or type(e).__name__
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    out = sentences[0]
+    for sentence in sentences[1:]:
+        if len(out) + 1 + len(sentence) > limit:
+            break
+        out += " " + sentence
+    return out.rstrip(".")
 
 
 def fail(message: str, code: int = 2):

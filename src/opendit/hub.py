@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, reason
 
 
 def cache_path(file_name: str) -> str:
@@ -38,7 +38,7 @@ def weights_file(path: str | None, file_name: str, url: str, *, flag: str, what:
     try:
         torch.hub.download_url_to_file(url, cached, hash_prefix=hash_prefix, progress=True)
     except Exception as e:  # no network, HTTP error, a wrong hash
-        raise UserError(f"cannot download the {what} weights ({str(e).splitlines()[0][:120]}); {hint}") from None
+        raise UserError(f"cannot download the {what} weights ({reason(e)}); {hint}") from None
     return cached
 
 

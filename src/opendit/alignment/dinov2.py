@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import UserError, reason
 from ..hub import weights_file
 
 PATCH = 14
@@ -190,7 +190,7 @@ def load_dinov2(size: str, registers: int = 0, path: str | None = None, flag: st
         else:
             sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{flag} {file}: not a readable weights file ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{flag} {file}: not a readable weights file ({reason(e)})") from None
     if not isinstance(sd, dict) or "pos_embed" not in sd:
         raise UserError(f"{flag} {file}: not a DINOv2 state dict (no pos_embed)")
     grid = int(math.isqrt(sd["pos_embed"].shape[1] - 1))

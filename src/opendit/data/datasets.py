@@ -105,18 +105,24 @@ def download_cifar10(data_path: str, timeout: float = 20.0) -> None:
              f"(it must hold {CIFAR10_DIR}/data_batch_1..5)")
     if os.environ.get("OPENDIT_OFFLINE"):
         raise UserError(f"CIFAR-10 is not in {os.path.join(data_path, CIFAR10_DIR)} and OPENDIT_OFFLINE is set; {where}")
+    created = not os.path.isdir(data_path)
     os.makedirs(data_path, exist_ok=True)
     tar_path = os.path.join(data_path, "cifar-10-python.tar.gz")
-    with atomic_path(tar_path, tmp=tar_path + ".part") as tmp:
-        try:
-            with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-        except OSError as e:
-            raise UserError(f"CIFAR-10 is not in {os.path.join(data_path, CIFAR10_DIR)} and could not be downloaded "
-                            f"({e}); {where}") from None
-        if _md5(tmp) != CIFAR10_MD5:
-            raise UserError(f"the downloaded CIFAR-10 archive fails its MD5 check ({CIFAR10_MD5}); try again")
+    try:
+        with atomic_path(tar_path, tmp=tar_path + ".part") as tmp:
+            try:
+                with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as r, open(tmp, "wb") as f:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+            except OSError as e:
+                raise UserError(f"CIFAR-10 is not in {os.path.join(data_path, CIFAR10_DIR)} and could not be "
+                                f"downloaded ({e}); {where}") from None
+            if _md5(tmp) != CIFAR10_MD5:
+                raise UserError(f"the downloaded CIFAR-10 archive fails its MD5 check ({CIFAR10_MD5}); try again")
+    except UserError:
+        if created and not os.listdir(data_path):  # leave no empty folder behind
+            os.rmdir(data_path)
+        raise
     with tarfile.open(tar_path, "r:gz") as tar:
         tar.extractall(data_path, filter="data")
 

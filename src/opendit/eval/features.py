@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.datasets import IMAGE_EXTENSIONS
-from ..errors import UserError
+from ..errors import UserError, reason
 from ..hub import import_factory
 
 
@@ -58,7 +58,7 @@ class ImageSource:
                 if "arr_0" in keys:
                     self.array = d["arr_0"]
         except (OSError, ValueError, EOFError) as e:
-            raise UserError(f"{self.role} {path}: not a readable .npz ({str(e).splitlines()[0][:120]})") from None
+            raise UserError(f"{self.role} {path}: not a readable .npz ({reason(e)})") from None
         if self.array is None and self.stats is None:
             raise UserError(f"{self.role} {path}: the .npz has neither arr_0 (images) nor mu/sigma (statistics)")
         if self.array is not None:

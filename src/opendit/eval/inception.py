@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import UserError, reason
 from ..hub import weights_file
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -202,7 +202,7 @@ def load_fid_inception(path: str | None = None, device="cpu") -> FIDInceptionV3:
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--inception {file}: not a readable weights file ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"--inception {file}: not a readable weights file ({reason(e)})") from None
     net = FIDInceptionV3()
     if not isinstance(sd, dict):
         raise UserError(f"--inception {file}: expected a state dict")

@@ -14,6 +14,7 @@ from .dit import (
     model_config,
     sincos_2d,
     timestep_sinusoid,
+    unknown_model,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "model_config",
     "sincos_2d",
     "timestep_sinusoid",
+    "unknown_model",
 ]

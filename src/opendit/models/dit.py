@@ -637,10 +637,20 @@ DiT_models.update({name: partial(_make, *DIT_SIZES[_split_name(name)[0]], _split
 PUBLISHED_MODELS = tuple(f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8))
 
 
+def unknown_model(name: str) -> str:
+    """The message for a model name that is not registered: the closest names first, then where the list is."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(DiT_models), n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"unknown model {name!r}; {hint}`opendit models` lists all {len(DiT_models)} (DiT-{{XL,L,B,S,T,N}}/{{1,2,4,8}}, " \
+           f"LightningDiT-*)"
+
+
 def model_config(name: str) -> dict:
     """depth, hidden_size, num_heads and patch_size of a registered config."""
     if name not in DiT_models:
-        raise KeyError(f"unknown model {name!r}; choose from {', '.join(DiT_models)}")
+        raise KeyError(unknown_model(name))
     size, p = _split_name(name)
     depth, hidden, heads = DIT_SIZES[size]
     return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": p}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..models import DiT, DiT_models, config_from_state_dict, model_config
+from ..models import DiT, DiT_models, config_from_state_dict, model_config, unknown_model
 from ..objectives import FLOW_SETTINGS, build_objective, objective_name
 from ..parallelize import ModelOptions, check_model_options
 from ..published import fetch_latent_stats, published_objective
@@ -47,7 +47,7 @@ def _model_name(args, run_cfg: dict | None, cfg: dict) -> str:
     if name is None:
         raise UserError(f"the checkpoint ({desc}) matches no registered config; pass --model")
     if name not in DiT_models:
-        raise UserError(f"unknown model {name!r}; choose from {', '.join(DiT_models)}")
+        raise UserError(unknown_model(name))
     mc = model_config(name)
     if (mc["depth"], mc["hidden_size"], mc["patch_size"]) != (cfg["depth"], cfg["hidden_size"], cfg["patch_size"]):
         raise UserError(f"the checkpoint is {cfg['name'] or 'a DiT'} ({desc}), --model is {name}")

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from .. import faults
 from ..alignment.repa import PREFIX as PROJECTORS
 from ..atomic import atomic_path, fsync_path, write_text_atomic
-from ..errors import UserError
+from ..errors import UserError, reason
 
 CKPT_RE = re.compile(r"^epoch(\d+)-global_step(\d+)$")
 MODEL_FILE = os.path.join("model", "model.safetensors")
@@ -286,9 +286,9 @@ def _torch_load_safe(path: str):
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise UserError(_refusal(path, e)) from None
-        raise CorruptCheckpoint(f"cannot load {path} ({str(e).splitlines()[0][:160]})") from None
+        raise CorruptCheckpoint(f"cannot load {path} ({reason(e)})") from None
     except Exception as e:  # RuntimeError/EOFError for truncation
-        raise CorruptCheckpoint(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:160]})") from None
+        raise CorruptCheckpoint(f"{path} is corrupt or truncated ({reason(e)})") from None
 
 
 def load_checkpoint(ckpt_dir: str) -> dict:
@@ -355,14 +355,14 @@ def load_state_dict_file(path: str) -> dict:
         try:
             return load_file(path)
         except Exception as e:
-            raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+            raise UserError(f"{path} is not a readable safetensors file ({reason(e)})") from None
     try:  # a training checkpoint's argparse.Namespace (REPA's, SiT's) is plain data: allowed, and nothing else
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(_refusal(path, e)) from None
     except Exception as e:  # truncated or not a torch file
-        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({reason(e)})") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # a training checkpoint saved without pickled objects
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

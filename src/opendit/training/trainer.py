@@ -24,12 +24,14 @@ from ..data import GlobalBatchPlan, build_dataset, default_image_size, plan_batc
 from ..data.latents import LatentDataset
 from ..errors import TrainingFailed, UserError
 from ..flops import dit_train_flops_per_image, model_cost_config
-from ..models import BLOCK_OPTIONS, AttentionBackendError, DiT, DiT_models, block_options_problem, model_config
+from ..models import (BLOCK_OPTIONS, AttentionBackendError, DiT, DiT_models, block_options_problem, model_config,
+                      unknown_model)
 from ..objectives import FLOW_SETTINGS, build_objective, describe_objective, objective_settings
 from ..parallelize import ModelOptions, check_model_options, parallelize_dit
 from ..precision import Precision
 from ..preemption import StopRequest
 from ..space import Space, check_patch, training_space
+from ..transport.transport import ONE_CHANNEL_COSINE
 from . import checkpoint as ckpt
 from .bad_images import BadImages
 from .ema import EMA, NOT_AVERAGED
@@ -71,6 +73,8 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         opt = build_optimizer(model, args.lr, env.device, getattr(args, "adam_beta2", 0.999),
                               getattr(args, "optimizer_impl", "auto"))
         objective = build_objective(vars(args))  # the diffusion or a flow (opendit.transport)
+        if getattr(args, "cosine_loss", 0) and space.channels == 1:
+            raise UserError(f"--cosine_loss on {args.dataset} ({space.channels} channel): {ONE_CHANNEL_COSINE}")
         class_dropout = model.y_embedder.dropout_prob
 
         # --- resume (weights, EMA, optimizer, counters) or start
@@ -95,6 +99,8 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
         describe_run(args, env, log, model, space, dataset, batch_plan, global_batch, precision, run_dir, objective,
                      alignment)
         describe_session(env, log, run_dir, ckpt_dir, state, resume, branch, moved)
+        if ckpt_dir and (note := schedule_tail_note(args, state.global_step, total_steps)):
+            log.info(note)
 
         evaluator = fid_evaluator(args, dataset, run_dir, env)
         bad = BadImages(args.on_bad_image, env, log, earlier=state.bad_images)
@@ -184,7 +190,7 @@ def train(args, given: set[str] | None = None, command: list[str] | None = None)
 
 def validate(args, given: set[str] | None = None) -> None:
     if args.model not in DiT_models:
-        raise UserError(f"unknown model {args.model!r}; choose from {', '.join(DiT_models)}")
+        raise UserError(unknown_model(args.model))
     if args.dataset not in DATASETS:
         raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, imagefolder, digits or latents")
     if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
@@ -312,6 +318,21 @@ def describe_session(env, log, run_dir: str, ckpt_dir: str | None, state: TrainS
         log.info(f"removed what an interrupted checkpoint write left behind: {', '.join(stale)}")
 
 
+def schedule_tail_note(args, step: int, total: int) -> str | None:
+    """A resumed cosine schedule near its end (a finished run extended with a larger --max_steps): what the learning
+    rate will be, and how to continue usefully. None when the schedule still has most of its rate."""
+    if args.lr_schedule != "cosine" or step >= total:
+        return None
+    kw = dict(lr=args.lr, schedule="cosine", warmup=args.warmup_steps, total=total)
+    now, last = learning_rate(step, **kw), learning_rate(total - 1, **kw)
+    if step < args.warmup_steps or now >= 0.05 * args.lr:
+        return None
+    return (f"note: the cosine schedule is resumed at step {step} of {total}: the learning rate runs from {now:.2g} "
+            f"down to {last:.2g} (peak {args.lr:g}), which barely trains. To continue usefully, resume with "
+            f"--lr_schedule constant --lr LR (a constant tail; e.g. --lr {0.1 * args.lr:g}), or train a new run with the "
+            f"larger --max_steps (README: Extending a finished run)")
+
+
 # ----------------------------------------------------------------------------- during the loop
 
 class Progress:
@@ -331,7 +352,7 @@ class Progress:
             torch.cuda.reset_peak_memory_stats(env.device)
         # the bar only on a terminal (rank 0): batch-job logs get the log lines instead
         self.bar = tqdm(total=total_steps, initial=state.global_step, disable=None if env.is_main else True,
-                        desc="train", dynamic_ncols=True)
+                        desc="train", unit="step", dynamic_ncols=True)
 
     def record(self, result, state: TrainState) -> None:
         """After each step. A step guarded on the host is taken in at once; one guarded on the device when the next

@@ -41,6 +41,11 @@ TIME_SAMPLINGS = ("uniform", "logit_normal")
 PREDICTIONS = tuple(m.value for m in ModelType)
 
 
+ONE_CHANNEL_COSINE = ("the cosine loss is taken over channels at each position (LightningDiT's, on 32-channel latents); "
+                      "with 1 channel it is +-1 everywhere: no gradient, except near a zero prediction where it "
+                      "explodes. Use it on multi-channel data, or leave it off")
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -127,6 +132,8 @@ class Transport:
         mse = mean_flat(self.loss_weight(xt, tt) * _at_least_fp32(err) ** 2)
         terms = {"mse": mse, "loss": mse, "pred": pred}
         if self.cosine_loss:
+            if pred.shape[1] == 1:
+                raise ValueError(ONE_CHANNEL_COSINE)
             cos = F.cosine_similarity(_at_least_fp32(pred), _at_least_fp32(target), dim=1)
             terms["cos"] = mean_flat(1 - cos)
             terms["loss"] = mse + self.cosine_loss * terms["cos"]
