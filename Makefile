@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo demo-flow demo-repa score-demo time-to-quality clean
+.PHONY: install test test-fast demo demo-flow demo-repa demo-lightning score-demo time-to-quality clean
 
 install: $(STAMP)
 
@@ -38,10 +38,11 @@ demo: $(STAMP)
 	    --sampler dpm-solver++ --num_sampling_steps 20 --cfg_scale $$cfg --sample_dir $$run/eval/dpm20-cfg$$cfg; \
 	  $(PY) scripts/dit/score_digits.py $$run/eval/dpm20-cfg$$cfg.npz | head -n 1; done
 
-# The same budget trained as a flow (SiT objective; recipes/digits-flow.toml), or as a flow with REPA aligned to the
-# digits classifier's features (recipes/digits-repa.toml), scored the same way with 20 model evaluations per sample
-# (Heun on an 11-point grid) at guidance 1.0 and 1.5.
-demo-flow demo-repa: demo-%: $(STAMP)
+# The same budget trained as a flow (SiT objective; recipes/digits-flow.toml), as a flow with REPA aligned to the
+# digits classifier's features (recipes/digits-repa.toml), or with LightningDiT's blocks and logit-normal t
+# (recipes/digits-lightning.toml), scored the same way with 20 model evaluations per sample (Heun on an 11-point grid)
+# at guidance 1.0 and 1.5.
+demo-flow demo-repa demo-lightning: demo-%: $(STAMP)
 	$(PY) scripts/dit/train.py --config recipes/digits-$*.toml
 	@run=$$(ls -d outputs/demo-$*/*-DiT-N-2 | tail -n 1); set -e; for cfg in 1.0 1.5; do \
 	  $(PY) scripts/dit/sample_ddp.py --config recipes/digits-$*.toml --ckpt $$run --cfg_scale $$cfg \
