@@ -173,3 +173,16 @@ def test_low_precision_runs_at_tiny_size(tmp_path, precision):
     assert len(losses) == 3 and all(0 < v < 10 for v in losses)
     rs = json.load(open(os.path.join(list_checkpoints(run_dir)[-1], "running_states.json")))
     assert (rs["grad_scaler"] is not None) == (precision == "fp16")
+
+
+def test_extending_a_finished_cosine_run_says_what_the_learning_rate_will_be(tmp_path):
+    common = [*TINY, "--batch_size", "8", "--lr_schedule", "cosine", "--log_every", "1", "--ckpt_every", "10",
+              "--outputs", str(tmp_path)]
+    assert run_train(*common, "--max_steps", "10").returncode == 0
+    run_dir = only_run_dir(tmp_path)
+    r = run_train(*common, "--max_steps", "11", "--load", run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # cosine over 11 steps, resumed at step 10 (also the last): 1e-3 * (1 + cos(pi * 10 / 11)) / 2 = 2.0e-05
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "note: the cosine schedule is resumed at step 10 of 11: the learning rate runs from 2e-05 down to 2e-05" in log
+    assert "--lr_schedule constant --lr LR" in log
