@@ -77,6 +77,24 @@ def test_a_wrong_hash_or_no_network_is_one_line_and_leaves_nothing(hub, tmp_path
     assert rc == 2 and len(err) == 1 and "did you mean the published DiT-XL-2-256x256.pt" in err[0]
 
 
+def test_a_published_name_decides_the_objective_its_weights_cannot(hub, tmp_path, monkeypatch, capsys):
+    """A published LightningDiT file has no variance half (the weights cannot tell flow from diffusion): its record
+    says flow; --objective diffusion on it is one line naming the record."""
+    name = "lightningdit-xl-imagenet256-64ep.pt"
+    monkeypatch.setitem(published.PUBLISHED, name, dataclasses.replace(published.PUBLISHED[name], latent_stats=None))
+    sd = stand_in()  # a pixel-space stand-in (no statistics to fetch), cut to 4 output channels: no variance half
+    sd["final_layer.linear.weight"] = sd["final_layer.linear.weight"][:16]
+    sd["final_layer.linear.bias"] = sd["final_layer.linear.bias"][:16]
+    torch.save(sd, hub / name)
+    args = ["--ckpt", name, "--vae", "none", "--device", "cpu", "--num_sampling_steps", "3", "--labels", "1"]
+    assert sample_main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert "objective flow (from the published checkpoint's record)" in capsys.readouterr().out
+    assert sample_main([*args, "--objective", "diffusion", "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a published flow checkpoint, but --objective says diffusion" in err[0], err
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_opendit_models_lists_the_published_checkpoints(capsys):
     assert cli_main(["models"]) == 0
     out = capsys.readouterr().out
@@ -88,14 +106,15 @@ def test_opendit_models_lists_the_published_checkpoints(capsys):
 def test_a_published_lightningdit_fetches_its_latent_statistics(hub, tmp_path, monkeypatch):
     from opendit.sampling.load import latent_norm
 
-    torch.save({"mean": torch.randn(1, 4, 1, 1), "std": torch.rand(1, 4, 1, 1) + 0.5}, hub / "latents_stats.pt")
+    mean, std = torch.randn(1, 4, 1, 1), torch.rand(1, 4, 1, 1) + 0.5
+    torch.save({"mean": mean, "std": std}, hub / "latents_stats.pt")
     name = "lightningdit-xl-imagenet256-64ep.pt"
     stats_url = (hub / "latents_stats.pt").as_uri()
     p = published.PUBLISHED[name]
     monkeypatch.setitem(published.PUBLISHED, name, dataclasses.replace(p, latent_stats=("latents_stats.pt", stats_url)))
-    args = argparse.Namespace(ckpt=name, latent_stats=None, latent_multiplier=None)
-    norm = latent_norm(args, None)
-    assert norm is not None and args.latent_stats.endswith(os.path.join("checkpoints", "latents_stats.pt"))
+    norm = latent_norm(argparse.Namespace(ckpt=name, latent_stats=None, latent_multiplier=None), None)
+    assert torch.equal(norm.mean, mean.reshape(-1)) and torch.equal(norm.std, std.reshape(-1))
+    assert norm.source.endswith(os.path.join("hub", "checkpoints", "latents_stats.pt"))  # fetched into the cache
     assert latent_norm(argparse.Namespace(ckpt="DiT-XL-2-256x256.pt", latent_stats=None, latent_multiplier=None),
                        None) is None
 

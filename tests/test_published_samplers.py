@@ -73,10 +73,11 @@ def release_cfg(model, x, t, y, scale, channels):
     return torch.cat([guided, cond[:, channels:]], dim=1)
 
 
-def close(got, want):
-    # fp32 network, the reference's arithmetic in another order (float64 tables, other batch shapes): a few steps
-    # accumulate ~1e-6 relative; anything procedural (a step, a channel, a sign, an interval end) is O(1e-2) or more
-    torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-4, atol=2e-4)
+def close(got, want, tol=1e-5):
+    # fp32 network, the reference's arithmetic in another order (float64 tables and solvers, other batch shapes): a
+    # few steps differ by up to 1.2e-6 here (measured); anything procedural (a step, a channel, a sign, an interval
+    # end) is O(1e-2) or more (the `far` controls)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol)
 
 
 def far(a, b):
@@ -322,7 +323,9 @@ def test_digits_demo_recipe_is_dpm_solver_20():
     m = tiny(in_channels=1)
     y, z = torch.tensor([1, 7]), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     got = generate(m, y, z, **{**settings, "steps": 8})
-    close(got, dpm_solver_2m(m, z, y, 8, 1.5))
+    # the returned x0 prediction divides by alpha_999 = 0.0064 in its first step: fp32 rounding (~1e-6) grows ~156x
+    # (measured 1.8e-4 against the float64 reference)
+    close(got, dpm_solver_2m(m, z, y, 8, 1.5), tol=5e-4)
 
 
 @pytest.mark.parametrize("name", ["digits-flow.toml", "digits-repa.toml", "digits-lightning.toml"])
@@ -366,8 +369,8 @@ def published_commands() -> list[tuple[str, str]]:
     checkpoint."""
     from opendit.published import PUBLISHED
 
-    readme = open(os.path.join(REPO, "README.md")).read() + open(os.path.join(REPO, "docs", "lightningdit.md")).read()
-    cmds = [c for c in shell_commands(readme) if ("sample_dit.py" in c or "sample_ddp.py" in c) and "--ckpt" in c]
+    docs = [open(os.path.join(REPO, *path)).read() for path in (["README.md"], ["docs", "lightningdit.md"])]
+    cmds = [c for text in docs for c in shell_commands(text) if ("sample_dit.py" in c or "sample_ddp.py" in c) and "--ckpt" in c]
     cmds += [p.command for p in PUBLISHED.values()]
     found = []
     for c in cmds:

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .errors import UserError, reason as errors_reason
+from .errors import UserError, reason
 
 VAE_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 PIXEL_SPACE_MAX = 64  # --vae auto: pixel space up to this image size, the VAE above
@@ -78,8 +78,8 @@ def load_vae(name: str, device, dtype=torch.float32) -> LatentCodec:
             return LatentCodec(vae.to(device), name)
         except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, HTTP errors ...
             last = e
-    reason = errors_reason(last) if last else "unknown error"
-    raise UserError(f"cannot load the VAE {name!r} ({reason}); offline, download it where you have a network "
+    why = reason(last) if last else "unknown error"
+    raise UserError(f"cannot load the VAE {name!r} ({why}); offline, download it where you have a network "
                     f"and pass --vae PATH (a diffusers AutoencoderKL folder), or use --vae none for pixel space")
 
 
@@ -143,9 +143,8 @@ def load_latent_stats(path: str, multiplier: float = 1.0) -> LatentNorm:
     except UserError:
         raise
     except Exception as e:  # a missing file, not a torch file, no mean/std
-        reason = errors_reason(e)
         raise UserError(f"--latent_stats {path}: expected a latents folder or a torch file with 'mean' and 'std' "
-                        f"({reason})") from None
+                        f"({reason(e)})") from None
 
 
 class NormalizedCodec:

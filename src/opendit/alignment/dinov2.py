@@ -178,9 +178,9 @@ def find_weights(size: str, registers: int, path: str | None, flag: str) -> str:
 
 
 def load_dinov2(size: str, registers: int = 0, path: str | None = None, flag: str = "--repa_encoder_weights",
-                device="cpu", grid: int | None = None) -> DINOv2:
-    """The released DINOv2 of ``size`` (s, b, l, g) in eval mode, frozen, on ``device``; with ``grid``, its position
-    table resampled once to that patch grid (REPA's loading)."""
+                device="cpu") -> DINOv2:
+    """The released DINOv2 of ``size`` (s, b, l, g) in eval mode, frozen, on ``device``, its position table as released
+    (``DINOv2Encoder`` resamples it to the alignment grid)."""
     file = find_weights(size, registers, path, flag)
     try:
         if file.endswith(".safetensors"):
@@ -201,6 +201,4 @@ def load_dinov2(size: str, registers: int = 0, path: str | None = None, flag: st
         raise UserError(f"{flag} {file} is not the DINOv2 ViT-{size.upper()}/14{' with registers' if registers else ''} "
                         f"({len(wrong)} missing, misshapen or unexpected keys, e.g. {wrong[0]})")
     net.load_state_dict(sd)
-    if grid is not None:
-        net.resample_position_table(grid)
     return net.eval().requires_grad_(False).to(device)

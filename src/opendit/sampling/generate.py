@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -32,7 +33,11 @@ def guidance_time(objective, t: torch.Tensor) -> float:
     return t0 if isinstance(objective, Transport) else 1.0 - t0 / 1000.0
 
 
-_DIFFUSION_SIGMAS: list[float] = []
+@functools.cache
+def _diffusion_sigmas() -> list[float]:
+    """sqrt(1 / abar_k - 1) for k = 0..999 of DiT's schedule (float64)."""
+    abar = create_diffusion("").alphas_cumprod.double()
+    return torch.sqrt(1.0 / abar - 1.0).tolist()
 
 
 def noise_level(objective, t: torch.Tensor) -> float:
@@ -45,11 +50,8 @@ def noise_level(objective, t: torch.Tensor) -> float:
         tt = torch.tensor(t0, dtype=torch.float64)
         alpha, sigma = float(objective.path.alpha(tt)[0]), float(objective.path.sigma(tt)[0])
         return math.inf if alpha == 0.0 else sigma / alpha
-    if not _DIFFUSION_SIGMAS:
-        abar = create_diffusion("").alphas_cumprod.double()
-        _DIFFUSION_SIGMAS.extend(torch.sqrt(1.0 / abar - 1.0).tolist())
-    k = min(max(int(round(t0)), 0), len(_DIFFUSION_SIGMAS) - 1)
-    return _DIFFUSION_SIGMAS[k]
+    sigmas = _diffusion_sigmas()
+    return sigmas[min(max(int(round(t0)), 0), len(sigmas) - 1)]
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,7 @@ class GuidedModel:
     def __init__(self, model: DiT, objective, cfg_scale: float, guidance_channels: int | None,
                  interval: GuidanceInterval | tuple[float, float] | None):
         self.model, self.objective, self.cfg_scale = model, objective, cfg_scale
-        if interval is not None and not isinstance(interval, GuidanceInterval):
-            interval = GuidanceInterval(*interval)
-        self.guidance_channels, self.interval = guidance_channels, interval
+        self.guidance_channels, self.interval = guidance_channels, guidance_interval(interval)
 
     def guided_at(self, t: torch.Tensor) -> bool:
         return self.interval is None or self.interval.contains(self.objective, t)
@@ -117,9 +117,12 @@ def check_sigma_interval(interval) -> tuple[float, float] | None:
 
 
 def guidance_interval(cfg_interval=None, cfg_interval_sigma=None) -> GuidanceInterval | None:
-    """The interval of ``--cfg_interval`` or ``--cfg_interval_sigma`` (one of them at most), checked."""
+    """The interval of ``--cfg_interval`` (or a GuidanceInterval as is) or ``--cfg_interval_sigma`` (one of them at
+    most), checked."""
     if cfg_interval is not None and cfg_interval_sigma is not None:
         raise UserError("--cfg_interval and --cfg_interval_sigma both give the guidance interval; pass one")
+    if isinstance(cfg_interval, GuidanceInterval):
+        return cfg_interval
     if (t := check_interval(cfg_interval)) is not None:
         return GuidanceInterval(*t)
     if (s := check_sigma_interval(cfg_interval_sigma)) is not None:
@@ -140,14 +143,11 @@ def generate(model: DiT, labels: torch.Tensor, noise: torch.Tensor, *, sampler: 
     calls whose time t (0 = noise) lies in [lo, hi]; ``cfg_interval_sigma`` (lo, hi): at those whose noise level sigma
     does (see ``noise_level``); a GuidanceInterval may be passed as ``cfg_interval``. ``cache``: cached steps
     (``opendit.sampling.cache``; a FeatureCache to read its counts afterwards), None: every model call runs whole."""
+    interval = guidance_interval(cfg_interval, cfg_interval_sigma)
     if cache is not None:
         cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     with cache.attach(model) if cache is not None else contextlib.nullcontext():
-        if not isinstance(cfg_interval, GuidanceInterval):
-            cfg_interval = guidance_interval(cfg_interval, cfg_interval_sigma)
-        elif cfg_interval_sigma is not None:
-            raise UserError("--cfg_interval and --cfg_interval_sigma both give the guidance interval; pass one")
-        return _generate(model, labels, noise, sampler, steps, cfg_scale, guidance_channels, cfg_interval,
+        return _generate(model, labels, noise, sampler, steps, cfg_scale, guidance_channels, interval,
                          clip_denoised, progress, objective, flow_options)
 
 

@@ -74,14 +74,15 @@ def _vae_name(args, run_cfg: dict | None, cfg: dict, image_size: int | None) -> 
 
 
 def latent_norm(args, run_cfg: dict | None) -> LatentNorm | None:
-    """The per-channel latent normalization the model was trained with: --latent_stats, else the run's record."""
+    """The per-channel latent normalization the model was trained with: --latent_stats, else the run's record, else
+    the statistics published with the checkpoint (by name)."""
     run = (run_cfg or {}).get("latent_stats")
     multiplier = getattr(args, "latent_multiplier", None)
-    if not getattr(args, "latent_stats", None) and run is None:
-        args.latent_stats = fetch_latent_stats(getattr(args, "ckpt", None))  # a published LightningDiT's statistics
-    if getattr(args, "latent_stats", None):
-        return load_latent_stats(args.latent_stats, multiplier if multiplier is not None else
-                                 (run or {}).get("multiplier", 1.0))
+    stats = getattr(args, "latent_stats", None)
+    if not stats and run is None:  # a published LightningDiT's statistics, fetched beside it
+        stats = fetch_latent_stats(getattr(args, "ckpt", None))
+    if stats:
+        return load_latent_stats(stats, multiplier if multiplier is not None else (run or {}).get("multiplier", 1.0))
     if multiplier is not None:
         raise UserError("--latent_multiplier goes with --latent_stats")
     return LatentNorm.from_record(run, "of the run's config.json") if run else None
@@ -144,8 +145,6 @@ def resolve_objective(args, run_cfg: dict | None, sd: dict, cfg: dict, source: s
     one-line error (a flow sampled as a diffusion gives noise)."""
     flag = getattr(args, "objective", "auto") or "auto"
     weights = trained_kind(sd, cfg)
-    if weights is None and run_cfg is None:  # weights that cannot tell (no variance half): a published file's record
-        weights = published
     if run_cfg is not None:
         kind, why = run_cfg.get("objective") or "diffusion", "the run's config.json"
         settings = dict(run_cfg, objective=kind)
@@ -156,7 +155,12 @@ def resolve_objective(args, run_cfg: dict | None, sd: dict, cfg: dict, source: s
         if getattr(args, "sample_eps", None) is not None:  # a sampling margin: ours may differ (e.g. for SBDM)
             settings["sample_eps"] = args.sample_eps
     else:
-        kind, why = (flag, "--objective") if flag != "auto" else (weights or "diffusion", "the weights")
+        if flag != "auto":
+            kind, why = flag, "--objective"
+        elif weights is None and published is not None:  # weights that cannot tell (no variance half): the record
+            kind, why = published, "the published checkpoint's record"
+        else:
+            kind, why = weights or "diffusion", "the weights"
         settings = {"objective": kind, **{k: getattr(args, k, None) for k in FLOW_SETTINGS}}
     if flag != "auto" and flag != kind:
         raise UserError(f"--objective {flag}: {source} was trained as {kind} ({why}); drop --objective or use "
@@ -165,6 +169,9 @@ def resolve_objective(args, run_cfg: dict | None, sd: dict, cfg: dict, source: s
         raise UserError(f"{source} looks {'flow' if weights == 'flow' else 'diffusion'}-trained (its variance "
                         f"channels are {'untouched' if weights == 'flow' else 'trained'}), but {why} says {kind}; "
                         f"sample it with --objective {weights}")
+    if weights is None and published is not None and published != kind:
+        raise UserError(f"{source} is a published {published} checkpoint, but {why} says {kind}; sample it with "
+                        f"--objective {published}")
     if kind != "flow" and run_cfg is None and any(getattr(args, k, None) is not None for k in FLOW_SETTINGS):
         raise UserError(f"--path_type / --prediction / --sample_eps describe a flow; {source} is sampled as {kind}")
     note = f"objective {kind} (from {why})"
