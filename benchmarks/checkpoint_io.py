@@ -3,7 +3,7 @@
     python benchmarks/checkpoint_io.py --model DiT-XL/2 --dir /tmp/ckpt-bench
 
 Builds the model, an EMA copy and an AdamW state (exp_avg, exp_avg_sq) of the same shapes in fp32, saves them with
-opendit.training.checkpoint.save_checkpoint into DIR, and loads them back with load_checkpoint (manifest check included).
+opendit.checkpoint.save_checkpoint into DIR, and loads them back with load_checkpoint (manifest check included).
 Appends a line to BENCHMARKS.md with --record.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from opendit.training import checkpoint as ckpt  # noqa: E402
+from opendit import checkpoint as ckpt  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
 
-from opendit import sample_ddp  # noqa: E402
+from opendit.cli import sample_ddp  # noqa: E402
 from opendit.eval.digits import score_npz  # noqa: E402
 
 # (row label, model evaluations per sample, sampling flags); the guidance interval row is guided at cfg 1.5 only

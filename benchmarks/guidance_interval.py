@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(REPO, "src"))
 
 from opendit.eval.digits import load_classifier, score  # noqa: E402
 from opendit.images import to_uint8  # noqa: E402
-from opendit.sample import build_parser  # noqa: E402
+from opendit.cli.sample import build_parser  # noqa: E402
 from opendit.sampling.generate import generate, quick_sampler  # noqa: E402
 from opendit.sampling.load import load_for_sampling  # noqa: E402
 from sample_throughput import counted_forwards  # noqa: E402

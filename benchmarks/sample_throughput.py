@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from opendit.flops import dit_forward_macs, model_cost_config  # noqa: E402
+from opendit.flops import dit_forward_macs  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 from opendit.sampling.cache import CacheSettings, FeatureCache  # noqa: E402
 from opendit.sampling.compiled import compiled_forward  # noqa: E402
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                                    attention_impl="flash" if device.type == "cuda" else "sdpa").to(device).eval()
     with torch.no_grad():
         model.final_layer.linear.weight.normal_(std=0.02)
-    flops = 2 * dit_forward_macs(**model_cost_config(model))
+    flops = 2 * dit_forward_macs(model.config)
     peak = peak_tflops(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     g = torch.Generator().manual_seed(0)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from opendit.diffusion import create_diffusion  # noqa: E402
 from opendit.distributed import DistEnv  # noqa: E402
-from opendit.flops import dit_train_flops_per_image, model_cost_config  # noqa: E402
+from opendit.flops import dit_train_flops_per_image  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 from opendit.parallelize import ModelOptions, parallelize_dit  # noqa: E402
 from opendit.precision import Precision  # noqa: E402
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for name, on_device in (("host guard (sync per step)", False), ("device guard (sync-free)", True)):
             best[name] = min(best.get(name, float("inf")), run(on_device, args.steps))
-    flops = dit_train_flops_per_image(**model_cost_config(model)) * n
+    flops = dit_train_flops_per_image(model.config) * n
     peak = peak_tflops(device)
     print(f"{args.model} @{args.image_size}, batch {n}, {'bf16' if cuda else 'fp32'}, fused AdamW, "
           f"{'compiled blocks, ' if args.compile else ''}{device_name(device)}, torch {torch.__version__}; "

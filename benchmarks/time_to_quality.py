@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
 
 from opendit.eval.digits import score_npz  # noqa: E402
-from opendit.training.checkpoint import list_checkpoints  # noqa: E402
+from opendit.checkpoint import list_checkpoints  # noqa: E402
 
 # the demo's budget (Makefile DEMO_ARGS), the same for every recipe
 COMMON = ["--dataset", "digits", "--model", "DiT-N/2", "--mixed_precision", "fp32", "--device", "cpu",
@@ -93,7 +93,7 @@ def training_seconds(run_dir: str) -> dict[int, float]:
 
 
 def evaluate(ckpt_dir: str, cfg: float) -> dict:
-    from opendit import sample_ddp
+    from opendit.cli import sample_ddp
 
     npz_dir = os.path.join(ckpt_dir, "..", "eval", f"{os.path.basename(ckpt_dir)}-q20-cfg{cfg}")
     objective = json.load(open(os.path.join(ckpt_dir, "..", "config.json"))).get("objective", "diffusion")

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from opendit.diffusion import create_diffusion  # noqa: E402
-from opendit.flops import dit_train_flops_per_image, model_cost_config  # noqa: E402
+from opendit.flops import dit_train_flops_per_image  # noqa: E402
 from opendit.distributed import DistEnv  # noqa: E402
 from opendit.models import DiT_models  # noqa: E402
 
@@ -95,7 +95,7 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=fast and low is not None)
         self.latent_shape = (4, latent, latent)
         self.num_classes = args.num_classes
-        self.flops_per_image = dit_train_flops_per_image(**model_cost_config(model))
+        self.flops_per_image = dit_train_flops_per_image(model.config)
 
     def batch(self, n):
         g = torch.Generator(device="cpu").manual_seed(n)

@@ -23,10 +23,10 @@ TRAIN = os.path.join(REPO, "scripts", "dit", "train.py")
 TINY = ["--dataset", "digits", "--model", "DiT-N/2", "--mixed_precision", "fp32", "--device", "cpu", "--lr", "1e-3"]
 
 # scripts/dit/<file> -> the module whose main(argv) it runs
-SCRIPT_MODULES = {"train.py": "opendit.train", "train_dit.py": "opendit.train", "sample_dit.py": "opendit.sample",
-                  "sample_ddp.py": "opendit.sample_ddp", "score_digits.py": "opendit.digits_eval",
-                  "evaluate.py": "opendit.evaluate", "extract_features.py": "opendit.extract_features",
-                  "convert.py": "opendit.convert"}
+SCRIPT_MODULES = {"train.py": "opendit.cli.train", "train_dit.py": "opendit.cli.train", "sample_dit.py": "opendit.cli.sample",
+                  "sample_ddp.py": "opendit.cli.sample_ddp", "score_digits.py": "opendit.cli.score_digits",
+                  "evaluate.py": "opendit.cli.evaluate", "extract_features.py": "opendit.cli.extract_features",
+                  "convert.py": "opendit.cli.convert"}
 PROCESS_ONLY_FAULTS = ("crash", "kill_in_save")  # they end the process they happen in
 
 
@@ -92,7 +92,7 @@ def run_cut_at_first_checkpoint(run_dir, tmp_path) -> str:
     to resume and compare with the uninterrupted run."""
     import shutil
 
-    from opendit.training.checkpoint import list_checkpoints
+    from opendit.checkpoint import list_checkpoints
 
     part = os.path.join(str(tmp_path), os.path.basename(run_dir))
     os.makedirs(part)

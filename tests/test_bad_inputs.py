@@ -25,7 +25,7 @@ def _corrupt_checkpoint(root):
 
 def _checkpoint(root, model="DiT-N/2"):
     """A valid checkpoint (with manifest) of a small digits model."""
-    from opendit.training.checkpoint import save_checkpoint
+    from opendit.checkpoint import save_checkpoint
     from opendit.models import DiT_models
 
     m = DiT_models[model](input_size=8, in_channels=1, num_classes=10)
@@ -181,51 +181,51 @@ def test_there_are_at_least_twenty_distinct_cases():
 # Every numeric flag of every program is checked while the command line is parsed (in process: no subprocess needed):
 # a non-finite or out-of-range value is one line naming the flag and the allowed range, before anything is written.
 NUMERIC = [
-    ("opendit.train", ["--lr", "inf"], "--lr", "a finite number > 0"),
-    ("opendit.train", ["--lr", "-0.5"], "--lr", "a finite number > 0"),
-    ("opendit.train", ["--final_cfg_scale", "nan"], "--final_cfg_scale", "a finite number >= 0"),
-    ("opendit.train", ["--eval_cfg_scale", "-1.5"], "--eval_cfg_scale", "a finite number >= 0"),
-    ("opendit.train", ["--ema_decay", "1.5"], "--ema_decay", "in [0, 1]"),
-    ("opendit.train", ["--grad_clip", "nan"], "--grad_clip", ">= 0"),
-    ("opendit.train", ["--global_seed", "-1"], "--global_seed", "an integer in [0, 4294967295]"),
-    ("opendit.train", ["--global_seed", str(2**64)], "--global_seed", "an integer in [0,"),
-    ("opendit.train", ["--warmup_steps", "-5"], "--warmup_steps", "an integer >= 0"),
-    ("opendit.train", ["--image_size", "0"], "--image_size", "an integer >= 1"),
-    ("opendit.train", ["--num_classes", "-3"], "--num_classes", "an integer >= 1"),
-    ("opendit.train", ["--epochs", "0"], "--epochs", "an integer >= 1"),
-    ("opendit.train", ["--log_every", "0"], "--log_every", "an integer >= 1"),
-    ("opendit.train", ["--ckpt_keep", "-1"], "--ckpt_keep", "an integer >= 0"),
-    ("opendit.train", ["--num_workers", "-2"], "--num_workers", "an integer >= 0"),
-    ("opendit.train", ["--final_samples", "-1"], "--final_samples", "an integer >= 0"),
-    ("opendit.train", ["--eval_every", "-1"], "--eval_every", "an integer >= 0"),
-    ("opendit.train", ["--eval_samples", "1"], "--eval_samples", "an integer >= 2"),
-    ("opendit.train", ["--objective", "flow", "--time_std", "0"], "--time_std", "a finite number > 0"),
-    ("opendit.train", ["--objective", "flow", "--time_mean", "nan"], "--time_mean", "a finite number"),
-    ("opendit.train", ["--objective", "flow", "--cosine_loss", "-1"], "--cosine_loss", "a finite number >= 0"),
-    ("opendit.train", ["--objective", "flow", "--train_eps", "2"], "--train_eps", "in [0, 1]"),
-    ("opendit.sample", ["--ckpt", "x", "--cfg_interval", "1.5", "0.5"], "--cfg_interval", "in [0, 1]"),
-    ("opendit.sample", ["--ckpt", "x", "--timestep_shift", "0"], "--timestep_shift", "a finite number > 0"),
-    ("opendit.sample", ["--ckpt", "x", "--last_step_size", "-0.1"], "--last_step_size", "in [0, 1]"),
-    ("opendit.sample_ddp", ["--ckpt", "x", "--atol", "inf"], "--atol", "a finite number > 0"),
-    ("opendit.sample", ["--ckpt", "x", "--cfg_scale", "nan"], "--cfg_scale", "a finite number >= 0"),
-    ("opendit.sample", ["--ckpt", "x", "--seed", "-1"], "--seed", "an integer in [0,"),
-    ("opendit.sample", ["--ckpt", "x", "--num_sampling_steps", "1001"], "--num_sampling_steps", "in [1, 1000]"),
-    ("opendit.sample", ["--ckpt", "x", "--guidance_channels", "0"], "--guidance_channels", "an integer >= 1"),
-    ("opendit.sample", ["--ckpt", "x", "--image_size", "-8"], "--image_size", "an integer >= 1"),
-    ("opendit.sample_ddp", ["--ckpt", "x", "--cfg_scale", "inf"], "--cfg_scale", "a finite number >= 0"),
-    ("opendit.sample_ddp", ["--ckpt", "x", "--per_proc_batch_size", "0"], "--per_proc_batch_size", "an integer >= 1"),
-    ("opendit.sample_ddp", ["--ckpt", "x", "--per_proc_batch_size", "any"], "--per_proc_batch_size", "or auto"),
-    ("opendit.sample", ["--ckpt", "x", "--cache_interval", "0"], "--cache_interval", "an integer >= 1"),
-    ("opendit.sample_ddp", ["--ckpt", "x", "--num_classes", "0"], "--num_classes", "an integer >= 1"),
-    ("opendit.extract_features", ["--data_path", "x", "--features_path", "y", "--shard_size", "0"], "--shard_size",
+    ("opendit.cli.train", ["--lr", "inf"], "--lr", "a finite number > 0"),
+    ("opendit.cli.train", ["--lr", "-0.5"], "--lr", "a finite number > 0"),
+    ("opendit.cli.train", ["--final_cfg_scale", "nan"], "--final_cfg_scale", "a finite number >= 0"),
+    ("opendit.cli.train", ["--eval_cfg_scale", "-1.5"], "--eval_cfg_scale", "a finite number >= 0"),
+    ("opendit.cli.train", ["--ema_decay", "1.5"], "--ema_decay", "in [0, 1]"),
+    ("opendit.cli.train", ["--grad_clip", "nan"], "--grad_clip", ">= 0"),
+    ("opendit.cli.train", ["--global_seed", "-1"], "--global_seed", "an integer in [0, 4294967295]"),
+    ("opendit.cli.train", ["--global_seed", str(2**64)], "--global_seed", "an integer in [0,"),
+    ("opendit.cli.train", ["--warmup_steps", "-5"], "--warmup_steps", "an integer >= 0"),
+    ("opendit.cli.train", ["--image_size", "0"], "--image_size", "an integer >= 1"),
+    ("opendit.cli.train", ["--num_classes", "-3"], "--num_classes", "an integer >= 1"),
+    ("opendit.cli.train", ["--epochs", "0"], "--epochs", "an integer >= 1"),
+    ("opendit.cli.train", ["--log_every", "0"], "--log_every", "an integer >= 1"),
+    ("opendit.cli.train", ["--ckpt_keep", "-1"], "--ckpt_keep", "an integer >= 0"),
+    ("opendit.cli.train", ["--num_workers", "-2"], "--num_workers", "an integer >= 0"),
+    ("opendit.cli.train", ["--final_samples", "-1"], "--final_samples", "an integer >= 0"),
+    ("opendit.cli.train", ["--eval_every", "-1"], "--eval_every", "an integer >= 0"),
+    ("opendit.cli.train", ["--eval_samples", "1"], "--eval_samples", "an integer >= 2"),
+    ("opendit.cli.train", ["--objective", "flow", "--time_std", "0"], "--time_std", "a finite number > 0"),
+    ("opendit.cli.train", ["--objective", "flow", "--time_mean", "nan"], "--time_mean", "a finite number"),
+    ("opendit.cli.train", ["--objective", "flow", "--cosine_loss", "-1"], "--cosine_loss", "a finite number >= 0"),
+    ("opendit.cli.train", ["--objective", "flow", "--train_eps", "2"], "--train_eps", "in [0, 1]"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--cfg_interval", "1.5", "0.5"], "--cfg_interval", "in [0, 1]"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--timestep_shift", "0"], "--timestep_shift", "a finite number > 0"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--last_step_size", "-0.1"], "--last_step_size", "in [0, 1]"),
+    ("opendit.cli.sample_ddp", ["--ckpt", "x", "--atol", "inf"], "--atol", "a finite number > 0"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--cfg_scale", "nan"], "--cfg_scale", "a finite number >= 0"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--seed", "-1"], "--seed", "an integer in [0,"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--num_sampling_steps", "1001"], "--num_sampling_steps", "in [1, 1000]"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--guidance_channels", "0"], "--guidance_channels", "an integer >= 1"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--image_size", "-8"], "--image_size", "an integer >= 1"),
+    ("opendit.cli.sample_ddp", ["--ckpt", "x", "--cfg_scale", "inf"], "--cfg_scale", "a finite number >= 0"),
+    ("opendit.cli.sample_ddp", ["--ckpt", "x", "--per_proc_batch_size", "0"], "--per_proc_batch_size", "an integer >= 1"),
+    ("opendit.cli.sample_ddp", ["--ckpt", "x", "--per_proc_batch_size", "any"], "--per_proc_batch_size", "or auto"),
+    ("opendit.cli.sample", ["--ckpt", "x", "--cache_interval", "0"], "--cache_interval", "an integer >= 1"),
+    ("opendit.cli.sample_ddp", ["--ckpt", "x", "--num_classes", "0"], "--num_classes", "an integer >= 1"),
+    ("opendit.cli.extract_features", ["--data_path", "x", "--features_path", "y", "--shard_size", "0"], "--shard_size",
      "an integer >= 1"),
-    ("opendit.extract_features", ["--data_path", "x", "--features_path", "y", "--num_workers", "-1"], "--num_workers",
+    ("opendit.cli.extract_features", ["--data_path", "x", "--features_path", "y", "--num_workers", "-1"], "--num_workers",
      "an integer >= 0"),
-    ("opendit.evaluate", ["a.npz", "digits", "--batch_size", "0"], "--batch_size", "an integer >= 1"),
-    ("opendit.evaluate", ["a.npz", "digits", "--splits", "-1"], "--splits", "an integer >= 1"),
-    ("opendit.convert", ["a.pt", "b.pt", "--num_heads", "0"], "--num_heads", "an integer >= 1"),
-    ("opendit.launch", ["--hostfile", "h", "--master_port", "70000", "s.py"], "--master_port", "in [1, 65535]"),
-    ("opendit.launch", ["--hostfile", "h", "--nproc_per_node", "0", "s.py"], "--nproc_per_node", "an integer >= 1"),
+    ("opendit.cli.evaluate", ["a.npz", "digits", "--batch_size", "0"], "--batch_size", "an integer >= 1"),
+    ("opendit.cli.evaluate", ["a.npz", "digits", "--splits", "-1"], "--splits", "an integer >= 1"),
+    ("opendit.cli.convert", ["a.pt", "b.pt", "--num_heads", "0"], "--num_heads", "an integer >= 1"),
+    ("opendit.cli.launch", ["--hostfile", "h", "--master_port", "70000", "s.py"], "--master_port", "in [1, 65535]"),
+    ("opendit.cli.launch", ["--hostfile", "h", "--nproc_per_node", "0", "s.py"], "--nproc_per_node", "an integer >= 1"),
     ("opendit.cli", ["models", "--image_size", "0"], "--image_size", "an integer >= 1"),
 ]
 
@@ -236,7 +236,7 @@ def test_numeric_flag_out_of_range_is_one_line(tmp_path, monkeypatch, capsys, mo
     import importlib
 
     monkeypatch.chdir(tmp_path)
-    extra = ["--outputs", str(tmp_path / "outputs")] if module == "opendit.train" else []
+    extra = ["--outputs", str(tmp_path / "outputs")] if module == "opendit.cli.train" else []
     with pytest.raises(SystemExit) as e:
         importlib.import_module(module).main([*argv, *extra])
     assert e.value.code == 2

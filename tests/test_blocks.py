@@ -13,9 +13,9 @@ import torch
 
 from helpers import TINY, only_run_dir, perturbed, read_metrics, run, run_cut_at_first_checkpoint, run_train, REPO
 from reference_lightningdit import lightningdit_xl1_shapes, reference_forward, rope_angle
-from opendit.models import BLOCK_OPTIONS, DiT, DiT_models, block_options_problem, config_from_state_dict
+from opendit.models import BLOCK_OPTIONS, DiT, DiTConfig, DiT_models, block_options_problem, config_from_state_dict
 from opendit.models.dit import RMSNorm, RotaryEmbedding2D, SwiGLU, apply_rope, rope_2d_table
-from opendit.training.checkpoint import list_checkpoints
+from opendit.checkpoint import list_checkpoints
 
 SAMPLE_DDP = os.path.join(REPO, "scripts", "dit", "sample_ddp.py")
 SAMPLE_DIT = os.path.join(REPO, "scripts", "dit", "sample_dit.py")
@@ -206,7 +206,6 @@ def test_lightningdit_xl1_state_dict_layout_loads_strict():
 def test_a_lightningdit_layout_state_dict_loads_strict_and_its_options_are_read_from_it(tmp_path):
     """A state dict with LightningDiT's keys (written from the facts, random values) loads strict into the model
     that config_from_state_dict describes, and the sampling loader builds that model from the file alone."""
-    from opendit.sampling.load import checkpoint_block_options
 
     D, heads, F_, T, hd = 32, 2, int(2 / 3 * 128), 16, 16
     shapes = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, 8, 1, 1), "x_embedder.proj.bias": (D,),
@@ -229,7 +228,8 @@ def test_a_lightningdit_layout_state_dict_loads_strict_and_its_options_are_read_
     cfg = config_from_state_dict(sd)
     assert cfg["options"] == dict(ALL_ON, wo_pos_embed=False) and cfg["mlp_ratio"] == 4.0
     m = DiT(input_size=4, patch_size=1, in_channels=8, hidden_size=D, depth=3, num_heads=heads, num_classes=10,
-            learn_sigma=False, **checkpoint_block_options(None, cfg)).eval()
+            learn_sigma=False, **cfg["options"]).eval()
+    assert DiTConfig.from_state_dict(sd, num_heads=heads) == m.config  # the config the weights describe
     m.load_state_dict(sd, strict=True)
     x, t, y = torch.randn(2, 8, 4, 4, generator=g), torch.tensor([0.2, 0.9]), torch.tensor([1, 2])
     want = reference_forward({k: v.double() for k, v in sd.items()}, x.double(), t, y, patch=1, heads=heads, **ALL_ON)
@@ -266,25 +266,26 @@ def test_grad_checkpoint_and_compiled_blocks_with_all_options():
 
 
 def test_forward_macs_count_swiglu_and_no_shift():
-    from opendit.flops import dit_forward_macs, model_cost_config
+    from opendit.flops import dit_forward_macs
 
     with torch.device("meta"):
         plain = DiT_models["DiT-XL/2"](input_size=32)
         light = DiT_models["DiT-XL/2"](input_size=32, use_swiglu=True, wo_shift=True, use_rope=True)
     D, T = 1152, 256
     delta = 28 * (T * (3 * D * 3072 - 2 * D * 4608) + (4 - 6) * D * D)  # SwiGLU's three products; two fewer D x D
-    assert dit_forward_macs(**model_cost_config(light)) - dit_forward_macs(**model_cost_config(plain)) == delta
+    assert dit_forward_macs(light.config) - dit_forward_macs(plain.config) == delta
 
 
 # ----------------------------------------------------------------------------- bad combinations
 
-def test_bad_combinations_are_refused_in_the_model():
+def test_bad_combinations_are_refused_in_the_model_in_its_own_terms():
     assert "divisible by 4" in block_options_problem({"use_rope": True}, 36, 6)  # head dim 6
+    assert "--" not in block_options_problem({"wo_pos_embed": True}, 32, 2)  # the model names options, not flags
     with pytest.raises(ValueError, match="divisible by 4"):
         DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=36, depth=1, num_heads=6, use_rope=True)
     with pytest.raises(ValueError, match="wo_pos_embed"):
         small(wo_pos_embed=True)
-    with pytest.raises(ValueError, match="use_rmsnorm use --compile"):
+    with pytest.raises(ValueError, match="use_rmsnorm model compiles instead"):
         small(use_rmsnorm=True).set_norm_impl("modulate_kernel")
     assert block_options_problem({"use_rope": True, "wo_pos_embed": True}, 32, 2) is None
 
@@ -342,16 +343,17 @@ def test_options_resume_bit_for_bit_and_are_defining(options_run, tmp_path):
     a, b = read_metrics(options_run), read_metrics(part)
     assert sorted(b) == [3, 4] and all(b[s]["loss"] == a[s]["loss"] for s in (3, 4))
     from opendit.errors import UserError
-    from opendit.train import build_parser
+    from opendit.cli.flags import parse_argv
+    from opendit.config import TrainConfig
     from opendit.training.run_settings import apply_run_settings
 
     saved = json.load(open(os.path.join(options_run, "config.json")))
-    args = build_parser().parse_args([*TINY, *LIGHTNING, "--wo_pos_embed"])
-    apply_run_settings(args, {"use_rope", "use_swiglu"}, saved, 1, options_run)  # the run's values: accepted
+    cfg = parse_argv(TrainConfig, [*TINY, *LIGHTNING, "--wo_pos_embed"])
+    apply_run_settings(cfg, {"use_rope", "use_swiglu"}, saved, 1, options_run)  # the run's values: accepted
     for key in BLOCK_OPTIONS:  # a run without an option cannot be resumed with it (and the other way)
         flipped = dict(saved, **{key: not saved[key]})
         with pytest.raises(UserError, match=f"--{key} True: the run in .* was started with --{key} False"):
-            apply_run_settings(build_parser().parse_args([*TINY, *LIGHTNING, "--wo_pos_embed"]), {key}, flipped, 1,
+            apply_run_settings(parse_argv(TrainConfig, [*TINY, *LIGHTNING, "--wo_pos_embed"]), {key}, flipped, 1,
                                options_run)
 
 
@@ -364,11 +366,13 @@ def test_options_sample_through_every_entry_point(options_run, tmp_path):
              "--labels", "1,2", "--out", str(tmp_path / "grid.png")])
     assert r.returncode == 0 and os.path.isfile(tmp_path / "grid.png"), r.stderr[-3000:]
     # the sampler's model is the trained one: same EMA outputs as a model built by hand from the options
+    from opendit.cli.flags import parse_argv
+    from opendit.config import GridConfig
+    from opendit.parallelize import ModelOptions
     from opendit.sampling.load import load_for_sampling
-    from opendit.sample import build_parser
 
-    args = build_parser().parse_args(["--ckpt", ckpt, "--device", "cpu"])
-    loaded = load_for_sampling(args, torch.device("cpu"))
+    cfg = parse_argv(GridConfig, ["--ckpt", ckpt, "--device", "cpu"])
+    loaded = load_for_sampling(cfg.checkpoint, ModelOptions(), torch.device("cpu"))
     assert loaded.model.options == dict(ALL_ON, wo_pos_embed=True)  # wo_pos_embed: from the run's config.json
     # a bare ema.pt cannot say wo_pos_embed; diffusers cannot hold the options: one line
     r = run([sys.executable, "-m", "opendit", "convert", ckpt, str(tmp_path / "d")])

@@ -89,20 +89,23 @@ def test_two_whole_calls_at_one_time_keep_the_later_one():
 
 
 def test_cache_flags_reach_the_sampler_and_the_sample_record():
-    from opendit.sample import build_parser
+    from opendit.cli.flags import parse_argv
+    from opendit.config import GridConfig
+    from opendit.objectives import DiffusionObjective
     from opendit.sampling.load import sampler_settings
 
     class Loaded:
-        objective, source, objective_note, in_channels = None, "x.pt", "diffusion", 4
+        objective, source, objective_note, in_channels = DiffusionObjective(), "x.pt", "diffusion", 4
 
-    args = build_parser().parse_args(["--ckpt", "x.pt", "--cache_method", "taylorseer", "--cache_interval", "4"])
-    s = sampler_settings(args, Loaded)
+    def settings(argv):
+        return sampler_settings(parse_argv(GridConfig, argv), Loaded)
+
+    s = settings(["--ckpt", "x.pt", "--cache_method", "taylorseer", "--cache_interval", "4"])
     assert s["cache"] == CacheSettings("taylorseer", interval=4, warmup=2)
-    assert "cache" not in sampler_settings(build_parser().parse_args(["--ckpt", "x.pt"]), Loaded)
-    assert sampler_settings(build_parser().parse_args(["--ckpt", "x.pt", "--cache_method", "fora"]), Loaded)["cache"] \
-        == CacheSettings("fora", interval=3, warmup=2)
+    assert "cache" not in settings(["--ckpt", "x.pt"])
+    assert settings(["--ckpt", "x.pt", "--cache_method", "fora"])["cache"] == CacheSettings("fora", interval=3, warmup=2)
     with pytest.raises(UserError, match="add --cache_method"):  # given without a method: not silently ignored
-        sampler_settings(build_parser().parse_args(["--ckpt", "x.pt", "--cache_interval", "4"]), Loaded)
+        settings(["--ckpt", "x.pt", "--cache_interval", "4"])
     with pytest.raises(ValueError):
         CacheSettings("deepcache")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opendit.training.checkpoint import save_checkpoint
-from opendit.convert import main as convert
+from opendit.checkpoint import save_checkpoint
+from opendit.cli.convert import main as convert
 from opendit.models import DiT_models
 
 

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from opendit import evaluate
+from opendit.cli import evaluate
 from opendit.eval import scores
 from opendit.errors import UserError
 from opendit.eval.inception import FIDInceptionV3, load_fid_inception, resize_bilinear_tf1

@@ -11,8 +11,7 @@ import torch
 from opendit.errors import UserError
 from opendit.images import to_uint8
 from opendit.models import DiT
-from opendit.sample import build_parser
-from opendit.sample_ddp import build_parser as ddp_parser
+from opendit.cli.sample_ddp import build_parser as ddp_parser
 from opendit.sampling.compiled import auto_batch_size, batch_for_memory, check_fast_flags, compiled_forward
 from opendit.sampling.folder import PngWriter, png_path, write_png
 from opendit.sampling.generate import generate
@@ -75,14 +74,20 @@ def test_cuda_graph_replay_gives_the_eager_bf16_samples():
 
 
 def test_flags_that_do_not_go_together_are_one_line():
-    parse = build_parser().parse_args
+    from opendit.cli.flags import parse_argv
+    from opendit.config import GridConfig
+
+    def check(argv):
+        cfg = parse_argv(GridConfig, argv)
+        check_fast_flags(cfg.machine, cfg.cache, CPU)
+
     with pytest.raises(UserError, match="add --compile"):
-        check_fast_flags(parse(["--ckpt", "x", "--cuda_graphs"]), CPU)
+        check(["--ckpt", "x", "--cuda_graphs"])
     with pytest.raises(UserError, match="needs a CUDA device"):
-        check_fast_flags(parse(["--ckpt", "x", "--compile", "--cuda_graphs"]), CPU)
+        check(["--ckpt", "x", "--compile", "--cuda_graphs"])
     with pytest.raises(UserError, match="leave out --compile"):
-        check_fast_flags(parse(["--ckpt", "x", "--compile", "--cache_method", "fora"]), CPU)
-    check_fast_flags(parse(["--ckpt", "x", "--compile"]), CPU)
+        check(["--ckpt", "x", "--compile", "--cache_method", "fora"])
+    check(["--ckpt", "x", "--compile"])
 
 
 def test_the_batch_that_fills_a_device():

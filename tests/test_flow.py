@@ -14,16 +14,18 @@ from helpers import REPO, TINY, only_run_dir, read_metrics, run_train
 from opendit.images import labelled_grid, to_uint8
 from opendit.models import DiT_models
 from opendit.objectives import build_objective
-from opendit.recipes import config_argv
-from opendit.sample import build_parser as sample_parser
-from opendit.sample import main as sample_main
-from opendit.sample_ddp import build_parser as ddp_parser
-from opendit.sample_ddp import main as ddp_main
+from opendit.cli.recipes import config_argv
+from opendit.cli.sample import build_parser as sample_parser
+from opendit.cli.sample import main as sample_main
+from opendit.cli.sample_ddp import build_parser as ddp_parser
+from opendit.cli.sample_ddp import main as ddp_main
 from opendit.sampling.folder import batch_seed
-from opendit.sampling.load import trained_kind
+from opendit.objectives import trained_kind
+from opendit.cli.flags import parse_argv
+from opendit.config import TrainConfig
 from opendit.models import config_from_state_dict
-from opendit.train import build_parser as train_parser
-from opendit.training.checkpoint import list_checkpoints
+from opendit.cli.train import build_parser as train_parser
+from opendit.checkpoint import list_checkpoints
 from opendit.transport import Sampler, create_transport
 from helpers import perturbed
 
@@ -230,7 +232,7 @@ def test_config_file_sets_flags_and_the_command_line_overrides(tmp_path):
     cfg = json.load(open(os.path.join(only_run_dir(tmp_path / "o"), "config.json")))
     assert cfg["objective"] == "flow" and cfg["time_sampling"] == "logit_normal" and cfg["max_steps"] == 2
     assert cfg["lr"] == 1e-3 and cfg["config"] == str(recipe)  # the command line wins; the file is recorded
-    assert isinstance(build_objective(cfg).path, type(create_transport().path))
+    assert isinstance(build_objective(cfg).transport.path, type(create_transport().path))
     assert config_argv(sample_parser(), str(recipe), "sample") == ["--sampler", "sde"]
 
 
@@ -253,8 +255,7 @@ def test_bad_config_files_are_one_line_and_exit_2(text, message, tmp_path):
 def test_shipped_recipes_are_valid_for_every_program(name):
     path = os.path.join(REPO, "recipes", name)
     train_argv = config_argv(train_parser(), path, "train")
-    args = train_parser().parse_args(train_argv)
-    build_objective(vars(args))
+    build_objective(parse_argv(TrainConfig, train_argv).flat())
     for parser in (sample_parser(), ddp_parser()):
         sample_argv = config_argv(parser, path, "sample")
         parser.parse_args([*sample_argv, "--ckpt", "x.pt"])

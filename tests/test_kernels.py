@@ -114,8 +114,8 @@ def test_full_dit_with_kernels_matches_without():
         for n in grads:
             torch.testing.assert_close(grads[n], base_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{impl} {n}: {m}")
     kw = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=1, num_heads=4, num_classes=5)
-    assert DiT(**kw, enable_modulate_kernel=True).blocks[0].norm_impl == "modulate_kernel"
-    assert DiT(**kw, enable_layernorm_kernel=True).final_layer.norm_impl == "layernorm_kernel"
+    assert DiT(**kw).set_norm_impl("modulate_kernel").blocks[0].norm_impl == "modulate_kernel"
+    assert DiT(**kw).set_norm_impl("layernorm_kernel").final_layer.norm_impl == "layernorm_kernel"
 
 
 @pytest.mark.slow  # the whole trainer through the Triton interpreter: ~70 s on 2 cores

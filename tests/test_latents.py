@@ -216,14 +216,18 @@ def test_latent_norm_trains_samples_and_records_its_statistics(setup, wide, tmp_
     assert cfg["in_channels"] == 6 and cfg["latent_stats"] == dict(f32, multiplier=0.5)
     assert os.path.exists(os.path.join(run_dir, "samples.png"))  # denormalized, decoded by the 6-channel VAE
     # sampling decodes through the run's statistics; --latent_stats (LightningDiT's latents_stats.pt) replaces them
-    from opendit.sample import build_parser
+    from opendit.cli.flags import parse_argv
+    from opendit.config import GridConfig
+    from opendit.parallelize import ModelOptions
     from opendit.sampling.load import load_for_sampling
 
-    loaded = load_for_sampling(build_parser().parse_args(["--ckpt", run_dir, "--device", "cpu"]), torch.device("cpu"))
+    def load(argv):
+        return load_for_sampling(parse_argv(GridConfig, argv).checkpoint, ModelOptions(), torch.device("cpu"))
+
+    loaded = load(["--ckpt", run_dir, "--device", "cpu"])
     assert loaded.space.latent_norm.record() == cfg["latent_stats"]
     torch.save({"mean": torch.arange(6.0).view(1, 6, 1, 1), "std": torch.ones(1, 6, 1, 1) * 2}, tmp_path / "stats.pt")
-    args = build_parser().parse_args(["--ckpt", run_dir, "--device", "cpu", "--latent_stats", str(tmp_path / "stats.pt")])
-    assert load_for_sampling(args, torch.device("cpu")).space.latent_norm.record() == {
+    assert load(["--ckpt", run_dir, "--device", "cpu", "--latent_stats", str(tmp_path / "stats.pt")]).space.latent_norm.record() == {
         "mean": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], "std": [2.0] * 6, "multiplier": 0.5}
     r = run([sys.executable, os.path.join(REPO, "scripts", "dit", "sample_dit.py"), "--ckpt", run_dir, "--labels", "0",
              "--num_sampling_steps", "3", "--device", "cpu", "--out", str(tmp_path / "g.png")])

@@ -220,7 +220,7 @@ def test_sdpa_matches_eager_attention_float32():
 def test_grad_checkpoint_gives_identical_gradients():
     torch.manual_seed(0)
     base = perturbed(small_dit(depth=3))
-    ckpt = small_dit(depth=3, grad_checkpoint=True)
+    ckpt = small_dit(depth=3).set_grad_checkpoint(True)
     ckpt.load_state_dict(base.state_dict())
     x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([5, 50, 500]), torch.tensor([1, 2, 3])
     grads = []
@@ -282,9 +282,9 @@ def test_wrong_input_size_is_a_clear_error():
 
 
 def test_flash_attention_without_gpu_is_a_clear_error():
-    model = small_dit(enable_flashattn=True)
+    model = small_dit().set_attention_impl("flash")
     assert model.attention_impl == "flash"
-    with pytest.raises(AttentionBackendError, match="enable_flashattn"):
+    with pytest.raises(AttentionBackendError, match="flash attention needs a CUDA GPU"):
         model(torch.randn(1, 3, 8, 8), torch.tensor([1]), torch.tensor([1]))
 
 
@@ -319,12 +319,12 @@ def test_flash_attention_matches_sdpa_on_gpu():
     [("S", (6.06, 1.41, 0.36)), ("B", (23.01, 5.57, 1.42)), ("L", (80.70, 19.70, 5.01)), ("XL", (118.62, 29.04, 7.39))],
 )
 def test_forward_macs_match_the_published_table(size, gmacs):
-    from opendit.flops import dit_forward_macs, model_cost_config
+    from opendit.flops import dit_forward_macs
 
     for p, expected in zip((2, 4, 8), gmacs):
         with torch.device("meta"):
             model = DiT_models[f"DiT-{size}/{p}"](input_size=32)
-        assert round(dit_forward_macs(**model_cost_config(model)) / 1e9, 2) == pytest.approx(expected, abs=0.011)
+        assert round(dit_forward_macs(model.config) / 1e9, 2) == pytest.approx(expected, abs=0.011)
     with torch.device("meta"):
         xl512 = DiT_models["DiT-XL/2"](input_size=64)
-    assert dit_forward_macs(**model_cost_config(xl512)) / 1e9 == pytest.approx(524.5, abs=0.06)
+    assert dit_forward_macs(xl512.config) / 1e9 == pytest.approx(524.5, abs=0.06)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import REPO, TINY, TRAIN, only_run_dir, read_metrics, run, run_train
-from opendit.training.checkpoint import list_checkpoints
+from opendit.checkpoint import list_checkpoints
 from opendit.errors import UserError
 from opendit.multinode import parse_hostfile
 

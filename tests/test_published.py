@@ -18,9 +18,9 @@ from opendit import published
 from opendit.cli import main as cli_main
 from opendit.errors import UserError
 from opendit.models import DiT, DiT_models
-from opendit.sample import main as sample_main
-from opendit.sample_ddp import main as ddp_main
-from opendit.training.checkpoint import load_weights
+from opendit.cli.sample import main as sample_main
+from opendit.cli.sample_ddp import main as ddp_main
+from opendit.checkpoint import load_weights
 
 
 @pytest.fixture
@@ -104,6 +104,7 @@ def test_opendit_models_lists_the_published_checkpoints(capsys):
 
 
 def test_a_published_lightningdit_fetches_its_latent_statistics(hub, tmp_path, monkeypatch):
+    from opendit.config.sample import CheckpointSettings
     from opendit.sampling.load import latent_norm
 
     mean, std = torch.randn(1, 4, 1, 1), torch.rand(1, 4, 1, 1) + 0.5
@@ -112,11 +113,10 @@ def test_a_published_lightningdit_fetches_its_latent_statistics(hub, tmp_path, m
     stats_url = (hub / "latents_stats.pt").as_uri()
     p = published.PUBLISHED[name]
     monkeypatch.setitem(published.PUBLISHED, name, dataclasses.replace(p, latent_stats=("latents_stats.pt", stats_url)))
-    norm = latent_norm(argparse.Namespace(ckpt=name, latent_stats=None, latent_multiplier=None), None)
+    norm = latent_norm(CheckpointSettings(ckpt=name), None)
     assert torch.equal(norm.mean, mean.reshape(-1)) and torch.equal(norm.std, std.reshape(-1))
     assert norm.source.endswith(os.path.join("hub", "checkpoints", "latents_stats.pt"))  # fetched into the cache
-    assert latent_norm(argparse.Namespace(ckpt="DiT-XL-2-256x256.pt", latent_stats=None, latent_multiplier=None),
-                       None) is None
+    assert latent_norm(CheckpointSettings(ckpt="DiT-XL-2-256x256.pt"), None) is None
 
 
 # ----------------------------------------------------------------------------- REPA's release layout

@@ -29,12 +29,14 @@ import torch
 from helpers import REPO, shell_commands
 from opendit.diffusion.dpm_solver import dpm_solver_timesteps
 from opendit.models import DiT
-from opendit.objectives import build_objective
-from opendit.recipes import config_argv
-from opendit.sample_ddp import build_parser as ddp_parser
-from opendit.sampling.generate import DEFAULT_METHOD, FLOW_OPTIONS, generate
+from opendit.cli.flags import parse_argv
+from opendit.config import FolderConfig, GridConfig, TrainConfig
+from opendit.objectives import DEFAULT_METHOD, as_objective, build_objective
+from opendit.cli.recipes import config_argv
+from opendit.cli.sample_ddp import build_parser as ddp_parser
+from opendit.sampling.generate import generate
 from opendit.sampling.load import sampler_settings
-from opendit.train import build_parser as train_parser
+from opendit.cli.train import build_parser as train_parser
 
 NULL = 10  # the tiny models' null label (10 classes)
 
@@ -43,13 +45,13 @@ def recipe(name: str, *extra: str):
     """(generate's settings, the parsed sampling flags, the objective) of recipes/NAME as sample_ddp.py reads them."""
     path = os.path.join(REPO, "recipes", name)
     parser = ddp_parser()
-    args = parser.parse_args([*config_argv(parser, path, "sample"), "--ckpt", "x.pt", *extra])
-    train = train_parser().parse_args(config_argv(train_parser(), path, "train"))
-    objective = build_objective(vars(train))
+    cfg = parse_argv(FolderConfig, [*config_argv(parser, path, "sample"), "--ckpt", "x.pt", *extra])
+    train = parse_argv(TrainConfig, config_argv(train_parser(), path, "train"))
+    objective = build_objective(train.flat())
     loaded = SimpleNamespace(objective=objective, source=name, objective_note="", in_channels=4)
-    settings = sampler_settings(args, loaded)
-    defaults = FLOW_OPTIONS if "objective" in settings else {}  # what generate uses for a flow option not given
-    return {**defaults, **settings}, args, objective
+    settings = sampler_settings(cfg, loaded)
+    defaults = objective.options  # what generate uses for an option not given
+    return {**defaults, **settings}, cfg, objective
 
 
 def tiny(in_channels=4, learn_sigma=True, seed=0):
@@ -171,7 +173,7 @@ def test_sit_recipe_is_the_published_sde_sampler():
         ("sde", 250, 1.5, 3)
     assert (settings["sampling_method"], settings["diffusion_form"], settings["last_step"],
             settings["last_step_size"]) == ("Euler", "sigma", "Mean", 0.04)
-    assert settings["cfg_interval"] is None and objective.path.name == "Linear"
+    assert settings["cfg_interval"] is None and objective.transport.path.name == "Linear"
     m = tiny()
     y, z = torch.tensor([1, 7]), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(5)
@@ -223,7 +225,7 @@ def test_repa_recipe_is_the_published_sde_sampler():
         ("sde", 250, 1.8, None)  # REPA guides every channel
     assert (settings["sampling_method"], settings["diffusion_form"], settings["diffusion_norm"], settings["last_step"],
             settings["last_step_size"], settings["cfg_interval"]) == ("Euler", "sigma", 1.0, "Mean", 0.04, (0.3, 1.0))
-    assert objective.path.name == "Linear"
+    assert objective.transport.path.name == "Linear"
     m = tiny()
     y, z = torch.tensor([1, 7]), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(5)
@@ -262,7 +264,7 @@ def test_lightningdit_recipe_is_the_published_ode_sampler(epochs, cfg, start):
     assert (settings["sampler"], settings["steps"], settings["sampling_method"], settings["timestep_shift"],
             settings["guidance_channels"]) == ("ode", 250, "euler", 0.3, 3)
     assert (settings["cfg_scale"], settings["cfg_interval"]) == (cfg, (start, 1.0))
-    assert objective.path.name == "Linear" and objective.time_sampling == "logit_normal"
+    assert objective.transport.path.name == "Linear" and objective.transport.time_sampling == "logit_normal"
     m = tiny(in_channels=6, learn_sigma=False)  # LightningDiT: no variance channels; 3 of 6 guided
     y, z = torch.tensor([1, 7]), torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(3))
     points = 12  # shifted grid 0, 0.040, 0.085, 0.136, ...: both sides of the interval start
@@ -333,7 +335,7 @@ def test_digits_flow_recipes_are_heun_on_11_points(name):
     settings, _, objective = recipe(name)
     assert (settings["sampler"], settings["steps"], settings["sampling_method"], settings["cfg_scale"],
             settings["guidance_channels"], settings["cfg_interval"]) == ("ode", 11, "heun", 1.5, None, None)
-    assert objective.path.name == "Linear"
+    assert objective.transport.path.name == "Linear"
     m = tiny(in_channels=1)
     y, z = torch.tensor([1, 7]), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     close(generate(m, y, z, **settings), heun_grid(m, z, y, 11, 1.5))
@@ -384,8 +386,8 @@ def published_commands() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("command,name", published_commands())
 def test_every_command_for_a_published_checkpoint_runs_its_published_sampler(command, name, monkeypatch):
     from opendit.published import PUBLISHED
-    from opendit.recipes import parse_with_config
-    from opendit.sample import build_parser as grid_parser
+    from opendit.cli.recipes import parse_with_config
+    from opendit.cli.sample import build_parser as grid_parser
     from opendit.transport import create_transport
 
     monkeypatch.chdir(REPO)  # the commands name recipes/ relative to the checkout
@@ -393,16 +395,17 @@ def test_every_command_for_a_published_checkpoint_runs_its_published_sampler(com
     script = next(i for i, w in enumerate(words) if w.endswith((".py")))
     parser = ddp_parser() if words[script].endswith("sample_ddp.py") else grid_parser()
     args, _ = parse_with_config(parser, words[script + 1:], section="sample")
+    cfg = (FolderConfig if words[script].endswith("sample_ddp.py") else GridConfig).from_flat(vars(args))
     kind = PUBLISHED[name].objective
-    objective = create_transport() if kind == "flow" else build_objective({"objective": "diffusion"})
+    objective = as_objective(create_transport()) if kind == "flow" else build_objective({"objective": "diffusion"})
     loaded = SimpleNamespace(objective=objective, source=name, objective_note="", in_channels=4)
-    settings = sampler_settings(args, loaded)
-    settings = {**(FLOW_OPTIONS if kind == "flow" else {}), **settings}
+    settings = sampler_settings(cfg, loaded)
+    settings = {**objective.options, **settings}
     if kind == "flow" and settings["sampling_method"] is None:
         settings["sampling_method"] = DEFAULT_METHOD[settings["sampler"]]
     want = PUBLISHED_SAMPLER[name]
     assert {k: settings.get(k) for k in want} == want, command
-    assert args.objective in ("auto", kind)
+    assert cfg.checkpoint.objective in ("auto", kind)
 
 
 def test_the_published_commands_cover_every_published_checkpoint():

@@ -15,10 +15,10 @@ DOCS = ["README.md", *(os.path.join("docs", f) for f in sorted(os.listdir(os.pat
 # the demo's budget (Makefile DEMO_ARGS): a digits training command either names a recipe or carries these
 DEMO_SETTINGS = {"--batch_size": "128", "--lr": "2e-3", "--lr_schedule": "cosine", "--warmup_steps": "100",
                  "--ema_decay": "0.995", "--mixed_precision": "fp32"}
-SUBCOMMANDS = {"train": "opendit.train", "sample": "opendit.sample", "sample-ddp": "opendit.sample_ddp",
-               "score-digits": "opendit.digits_eval", "eval": "opendit.evaluate",
-               "extract-features": "opendit.extract_features", "convert": "opendit.convert", "run": "opendit.launch"}
-SECTIONS = {"opendit.train": "train", "opendit.sample": "sample", "opendit.sample_ddp": "sample"}
+SUBCOMMANDS = {"train": "opendit.cli.train", "sample": "opendit.cli.sample", "sample-ddp": "opendit.cli.sample_ddp",
+               "score-digits": "opendit.cli.score_digits", "eval": "opendit.cli.evaluate",
+               "extract-features": "opendit.cli.extract_features", "convert": "opendit.cli.convert", "run": "opendit.cli.launch"}
+SECTIONS = {"opendit.cli.train": "train", "opendit.cli.sample": "sample", "opendit.cli.sample_ddp": "sample"}
 
 
 def readme_commands() -> list[tuple[str, str]]:
@@ -45,9 +45,9 @@ def program_of(words: list[str]):
     head = os.path.basename(words[0])
     if head in ("opendit",) and len(words) > 1 and words[1] in SUBCOMMANDS:
         module, argv = SUBCOMMANDS[words[1]], words[2:]
-        if module == "opendit.launch":  # opendit run [its flags] SCRIPT [the script's flags]
+        if module == "opendit.cli.launch":  # opendit run [its flags] SCRIPT [the script's flags]
             script = next(i for i, w in enumerate(argv) if w.endswith(".py"))
-            return [("opendit.launch", argv[:script + 1]),
+            return [("opendit.cli.launch", argv[:script + 1]),
                     (SCRIPT_MODULES[os.path.basename(argv[script])], argv[script + 1:])]
         return [(module, argv)]
     if head in ("python", "python3", "torchrun"):
@@ -73,7 +73,7 @@ CHECKED = [(doc, c) for doc, c in readme_commands()
 def test_readme_command_parses_with_its_program(doc, command, monkeypatch):
     import importlib
 
-    from opendit.recipes import parse_with_config
+    from opendit.cli.recipes import parse_with_config
 
     monkeypatch.chdir(REPO)  # recipes/ and scripts/ are named relative to the checkout
     words = words_of(command)
@@ -90,7 +90,7 @@ def test_readme_command_parses_with_its_program(doc, command, monkeypatch):
                 else (parser.parse_args(argv), argv)
         except SystemExit:
             pytest.fail(f"{doc}: `{command}` does not parse with {module}'s parser")
-        if module == "opendit.train" and getattr(args, "dataset", None) == "digits":
+        if module == "opendit.cli.train" and getattr(args, "dataset", None) == "digits":
             uses_recipe = os.path.basename(args.config or "").startswith("digits-")
             carried = {k: full[full.index(k) + 1] for k in DEMO_SETTINGS if k in full}
             assert uses_recipe or carried == DEMO_SETTINGS, \
@@ -100,8 +100,8 @@ def test_readme_command_parses_with_its_program(doc, command, monkeypatch):
 def test_the_checked_commands_cover_the_readme():
     """Every program the README runs is checked (a guard against the parser above silently skipping them)."""
     modules = {m for _, c in CHECKED for m, _ in (program_of(words_of(c)) or [])}
-    assert {"opendit.train", "opendit.sample", "opendit.sample_ddp", "opendit.evaluate", "opendit.convert",
-            "opendit.extract_features", "opendit.launch"} <= modules
+    assert {"opendit.cli.train", "opendit.cli.sample", "opendit.cli.sample_ddp", "opendit.cli.evaluate", "opendit.cli.convert",
+            "opendit.cli.extract_features", "opendit.cli.launch"} <= modules
     assert len(CHECKED) >= 30
 
 
@@ -109,7 +109,7 @@ def test_a_misspelt_flag_fails_the_check(monkeypatch):
     """The check can fail: a command with a misspelt flag does not parse."""
     import importlib
 
-    from opendit.recipes import parse_with_config
+    from opendit.cli.recipes import parse_with_config
 
     monkeypatch.chdir(REPO)
     (module, argv), = program_of(words_of("python scripts/dit/train.py --config recipes/digits-flow.toml --lr_shedule cosine"))

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import REPO, TINY, TRAIN, only_run_dir, read_metrics, run_train
-from opendit.training.checkpoint import list_checkpoints, load_checkpoint, write_manifest
+from opendit.checkpoint import list_checkpoints, load_checkpoint, write_manifest
 
 STEPS = ["--batch_size", "16", "--log_every", "1", "--ckpt_keep", "0"]
 

@@ -17,7 +17,7 @@ from opendit.alignment import PREFIX, RepaLoss, alignment_loss, attach_projector
 from opendit.alignment import dinov2
 from opendit.errors import UserError
 from opendit.models import DiT, DiT_models
-from opendit.training.checkpoint import list_checkpoints
+from opendit.checkpoint import list_checkpoints
 from opendit.training.step import StepBatch
 
 REPA = ["--repa_encoder", "digits", "--repa_depth", "2", "--repa_projector_dim", "64"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from helpers import TINY, only_run_dir, read_metrics, run_train
-from opendit.training import checkpoint as ckpt
+from opendit import checkpoint as ckpt
 from opendit.data import GlobalBatchPlan
 from opendit.errors import UserError
-from opendit.train import main as train_main
+from opendit.cli.train import main as train_main
 
 
 def names(run_dir):

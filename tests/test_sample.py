@@ -8,13 +8,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from helpers import TINY, only_run_dir, run, run_train
-from opendit.training.checkpoint import list_checkpoints, load_weights
+from opendit.checkpoint import list_checkpoints, load_weights
 from opendit.diffusion import create_diffusion
 from opendit.errors import UserError
 from opendit.images import labelled_grid
 from opendit.models import DiT_models
-from opendit.sample import main as sample_main
-from opendit.sample_ddp import main as ddp_main
+from opendit.cli.sample import main as sample_main
+from opendit.cli.sample_ddp import main as ddp_main
 from helpers import perturbed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,9 +325,10 @@ def test_every_checkpoint_spelling_finds_the_runs_config(tmp_path):
     names and image size (a trailing slash or model/model.safetensors used to lose them)."""
     import json
 
-    from opendit.training.checkpoint import save_checkpoint
+    from opendit.checkpoint import save_checkpoint
+    from opendit.config.sample import CheckpointSettings
+    from opendit.parallelize import ModelOptions
     from opendit.sampling import load_for_sampling
-    from opendit.sample_ddp import build_parser
 
     vae = _tiny_vae_dir(tmp_path / "vae")  # 2x downsampling, 4 latent channels
     model = published_style_model(6)
@@ -346,7 +347,7 @@ def test_every_checkpoint_spelling_finds_the_runs_config(tmp_path):
                  os.path.join(c, "model", "model.safetensors"), os.path.join(c, "ema.pt"), str(run / "export.pt"),
                  os.path.join(c, "export.safetensors")]
     for spelling in spellings:
-        loaded = load_for_sampling(build_parser().parse_args(["--ckpt", spelling, "--device", "cpu"]), "cpu")
+        loaded = load_for_sampling(CheckpointSettings(ckpt=spelling), ModelOptions(), "cpu")
         assert loaded.codec is not None and loaded.codec.name == vae, spelling
         assert loaded.class_names == names and loaded.image_size == 16, spelling
     # the same weights outside any run: no config to find

@@ -118,3 +118,45 @@ def test_fp16_overflow_backs_off_alike_on_the_device_and_on_the_host():
         overflows.append(rh.overflow)
         assert_same_state(host, device, f"after step {n}")
     assert overflows[0] and overflows.count(False) >= 3, overflows  # both kinds of step were exercised
+
+
+def test_the_torch_private_hooks_still_do_what_the_step_relies_on():
+    """The two private hooks (opendit.training.torch_private) against this torch: a fused AdamW skips its update and
+    keeps its step count where found_inf is 1; a GradScaler takes the flags set after unscale_, skips and backs off.
+    A torch that changes either fails here (and the step says what to do instead) rather than training wrongly."""
+    from opendit.training.torch_private import optimizer_found_inf, set_scaler_found_inf
+
+    def fresh():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, 3))
+        opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+        w.grad = torch.ones_like(w)
+        return w, opt
+
+    w, opt = fresh()
+    before = w.detach().clone()
+    with optimizer_found_inf(opt, torch.tensor(1.0)):
+        opt.step()
+    assert torch.equal(w, before) and float(opt.state[w]["step"]) == 0 and not hasattr(opt, "found_inf")
+    with optimizer_found_inf(opt, torch.tensor(0.0)):
+        opt.step()
+    w2, opt2 = fresh()
+    opt2.step()
+    assert torch.equal(w, w2) and float(opt.state[w]["step"]) == 1  # a 0 flag: exactly the plain step
+
+    w, opt = fresh()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    w.grad = None
+    scaler.scale((w * 1.0).sum()).backward()  # gradients of 8: finite
+    scaler.unscale_(opt)
+    set_scaler_found_inf(scaler, opt, torch.tensor(1.0))  # finite gradients, flagged as bad: skipped all the same
+    before = w.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(w, before) and scaler.get_scale() == 4.0
+
+    class ChangedScaler:  # what a torch without the private state looks like
+        pass
+
+    with pytest.raises(RuntimeError, match="no longer has"):
+        set_scaler_found_inf(ChangedScaler(), opt, torch.tensor(1.0))

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY, only_run_dir, read_metrics, run_train
-from opendit.training.checkpoint import list_checkpoints, load_checkpoint
+from opendit.checkpoint import list_checkpoints, load_checkpoint
 from opendit.training.ema import EMA
 from opendit.models import DiT_models
 

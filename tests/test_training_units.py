@@ -15,7 +15,7 @@ from opendit.models import DiT
 from opendit.parallelize import ModelOptions, apply_activation_checkpointing, apply_kernels, parallelize_dit
 from opendit.precision import Precision
 from opendit.space import check_patch, sampling_space, training_space
-from opendit.training import checkpoint as ckpt
+from opendit import checkpoint as ckpt
 from opendit.training.ema import EMA
 from opendit.training.optim import build_optimizer, learning_rate
 from opendit.training.randomness import draw_step_randomness, step_seed
@@ -244,8 +244,9 @@ def test_parallelize_applies_each_option_in_place_and_keeps_the_state_dict():
     apply_kernels(model, ModelOptions())
     apply_activation_checkpointing(model, ModelOptions())
     assert model.attention_impl == "sdpa" and not model.grad_checkpoint
-    # the constructor's switches are the same setters
-    assert tiny_dit(grad_checkpoint=True).grad_checkpoint and tiny_dit(enable_flashattn=True).attention_impl == "flash"
+    # speed switches are not part of what a DiT is: the constructor takes none
+    with pytest.raises(TypeError):
+        tiny_dit(grad_checkpoint=True)
     # checkpointed blocks give the same gradients
     b = a_batch()
     grads = []
@@ -296,15 +297,14 @@ def test_the_space_decides_input_size_and_channels():
 
 
 def test_a_resumed_cosine_schedule_near_its_end_says_so():
-    from argparse import Namespace
-
+    from opendit.config.train import OptimSettings
     from opendit.training.trainer import schedule_tail_note
 
-    args = Namespace(lr=2e-3, lr_schedule="cosine", warmup_steps=100)
+    args = OptimSettings(lr=2e-3, lr_schedule="cosine", warmup_steps=100)
     note = schedule_tail_note(args, 2000, 2100)  # `make demo`'s run, extended by 100 steps
     now, last = (2e-3 * (1 + math.cos(math.pi * k / 2000)) / 2 for k in (1900, 1999))  # (step - warmup) / 2000
     assert f"runs from {now:.2g} down to {last:.2g} (peak 0.002)" in note and "--lr_schedule constant" in note
     assert (f"{now:.2g}", f"{last:.2g}") == ("1.2e-05", "1.2e-09")
     assert schedule_tail_note(args, 1000, 2100) is None  # half the rate left: nothing to say
-    assert schedule_tail_note(Namespace(lr=2e-3, lr_schedule="constant", warmup_steps=0), 2000, 2100) is None
+    assert schedule_tail_note(OptimSettings(lr=2e-3, lr_schedule="constant", warmup_steps=0), 2000, 2100) is None
     assert schedule_tail_note(args, 2100, 2100) is None  # nothing left to train

@@ -8,7 +8,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from opendit.extract_features import main
+from opendit.cli.extract_features import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Sample many images (PNGs + ADM .npz) on N processes: see --help and opendit/sample_ddp.py."""
+"""Sample many images (PNGs + ADM .npz) on N processes: see --help, opendit/config/sample.py (the settings) and opendit/sampling/folder.py."""
 
 import os
 import sys
@@ -8,7 +8,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from opendit.sample_ddp import main
+from opendit.cli.sample_ddp import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Sample a grid of images from a DiT checkpoint: see --help, opendit/sample.py and opendit/sampling/."""
+"""Sample a grid of images from a DiT checkpoint: see --help, opendit/config/sample.py (the settings) and opendit/sampling/."""
 
 import os
 import sys
@@ -8,7 +8,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from opendit.sample import main
+from opendit.cli.sample import main
 
 if __name__ == "__main__":
     sys.exit(main())

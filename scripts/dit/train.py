@@ -1,5 +1,6 @@
-"""Train a class-conditional DiT: see `python scripts/dit/train.py --help`, opendit/train.py (the flags) and
-opendit/training/trainer.py (the training)."""
+"""Train a class-conditional DiT: see `python scripts/dit/train.py --help`, opendit/config/train.py (the settings),
+opendit/cli/train.py (the program) and opendit/training/trainer.py (the training). scripts/dit/train_dit.py is this
+file under the spec's second name (a link)."""
 
 import os
 import sys
@@ -9,7 +10,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from opendit.train import main
+from opendit.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path
 from .errors import UserError
-from .models.dit import config_from_state_dict, sincos_2d
-from .training.checkpoint import load_state_dict_file, load_weights
+from .models import config_from_state_dict, sincos_2d
+from .checkpoint import load_state_dict_file, load_weights
 
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 FORMATS = ("pt", "safetensors", "diffusers")
@@ -197,20 +197,22 @@ def target_format(dst: str, flag: str | None) -> str:
     raise UserError(f"cannot tell the format of {dst} from its name; pass --format {'|'.join(FORMATS)}")
 
 
-def convert(args) -> int:
-    """The body of ``opendit convert`` (``args``: its flags)."""
-    fmt = target_format(args.dst, args.format)
-    if os.path.exists(args.dst) and not args.force:
-        raise UserError(f"{args.dst} exists; pass --force to replace it")
-    if os.path.exists(args.dst) and os.path.isdir(args.dst) != (fmt == "diffusers"):
-        raise UserError(f"{args.dst} exists and is {'a folder' if os.path.isdir(args.dst) else 'a file'}; "
+def convert(src: str, dst: str, *, format: str | None = None, model_weights: bool = False,
+            num_heads: int | None = None, force: bool = False) -> int:
+    """The body of ``opendit convert``: ``src`` (any weights) -> ``dst`` in ``format`` (default: what its name
+    implies)."""
+    fmt = target_format(dst, format)
+    if os.path.exists(dst) and not force:
+        raise UserError(f"{dst} exists; pass --force to replace it")
+    if os.path.exists(dst) and os.path.isdir(dst) != (fmt == "diffusers"):
+        raise UserError(f"{dst} exists and is {'a folder' if os.path.isdir(dst) else 'a file'}; "
                         f"a {fmt} target cannot replace it")
-    sd, what = read_any(args.src, args.model_weights)
+    sd, what = read_any(src, model_weights)
     try:
         cfg = config_from_state_dict(sd)
     except ValueError as e:
-        raise UserError(f"{args.src}: {e}") from None
-    write(sd, args.dst, fmt, args.num_heads)
+        raise UserError(f"{src}: {e}") from None
+    write(sd, dst, fmt, num_heads)
     n = sum(v.numel() for v in sd.values())
-    print(f"{what} -> {args.dst} ({fmt}): {cfg['name'] or 'DiT'}, {len(sd)} tensors, {n:,} elements")
+    print(f"{what} -> {dst} ({fmt}): {cfg['name'] or 'DiT'}, {len(sd)} tensors, {n:,} elements")
     return 0

@@ -55,13 +55,6 @@ def print_or_stop(*lines: str) -> bool:
         return False
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with bad command lines reported as one line (`error: ...`) and exit code 2, without the usage dump."""
-
-    def error(self, message):
-        fail(message)
-
-
 # ----------------------------------------------------------------------------- numeric flags
 # argparse ``type=`` callables: a value outside the allowed range (or not finite) is rejected while the command line is
 # parsed, before anything is written, as one line: "error: argument --lr: must be a finite number > 0, got nan".

@@ -98,21 +98,24 @@ def run_hosts(hosts, ssh: list[str], commands: list[str], grace: float = 10.0) -
             t.join(timeout=2)
 
 
-def launch(args) -> int:
-    """The body of ``opendit run`` (``args``: its flags)."""
-    hosts = parse_hostfile(args.hostfile, args.nproc_per_node)
+def launch(*, hostfile: str, script: str, script_args: list[str], nproc_per_node: int = 8, master_port: int = 29500,
+           ssh: str = "ssh", env: list[str] = (), workdir: str = ".", python: str = "python") -> int:
+    """The body of ``opendit run``: ``script`` with ``script_args`` under torchrun on every host of ``hostfile``;
+    ``env``: NAME (this shell's value) or NAME=VALUE entries to pass."""
+    env_items = env
+    hosts = parse_hostfile(hostfile, nproc_per_node)
     env = {}
-    for item in args.env:
+    for item in env_items:
         name, eq, value = item.partition("=")
         if not name.isidentifier():
             raise UserError(f"--env {item!r}: expected NAME or NAME=VALUE")
         env[name] = value if eq else os.environ.get(name, "")
-    ssh = shlex.split(args.ssh)
+    ssh = shlex.split(ssh)
     if not ssh:
         raise UserError("--ssh is empty")
     master = hosts[0][0]
-    commands = [remote_command(workdir=args.workdir, env=env, python=args.python, nnodes=len(hosts), node_rank=i,
-                               nproc=slots, master=master, port=args.master_port, script=args.script,
-                               script_args=args.script_args) for i, (_, slots) in enumerate(hosts)]
-    print(f"launching on {len(hosts)} host(s), {sum(s for _, s in hosts)} processes, master {master}:{args.master_port}")
+    commands = [remote_command(workdir=workdir, env=env, python=python, nnodes=len(hosts), node_rank=i,
+                               nproc=slots, master=master, port=master_port, script=script,
+                               script_args=script_args) for i, (_, slots) in enumerate(hosts)]
+    print(f"launching on {len(hosts)} host(s), {sum(s for _, s in hosts)} processes, master {master}:{master_port}")
     return run_hosts(hosts, ssh, commands)

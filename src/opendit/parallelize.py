@@ -35,15 +35,16 @@ class ModelOptions:
     grad_reduce_dtype: str = "fp32"  # fp32 | bf16
 
     @classmethod
-    def from_flags(cls, args) -> "ModelOptions":
-        """The options of the training flags (--enable_flashattn, --enable_*_kernel, --grad_checkpoint, --compile,
-        --plugin, --grad_reduce_dtype); absent flags keep the defaults."""
-        g = lambda name: getattr(args, name, False)  # noqa: E731
+    def from_config(cls, machine) -> "ModelOptions":
+        """The options of a program's machine settings (``enable_flashattn``, ``enable_layernorm_kernel``,
+        ``enable_modulate_kernel``, ``grad_checkpoint``, ``compile``, ``plugin``, ``grad_reduce_dtype``; a setting the
+        program does not have keeps the default)."""
+        g = lambda name, default=False: getattr(machine, name, default)  # noqa: E731
         norm = "modulate_kernel" if g("enable_modulate_kernel") else "layernorm_kernel" if g("enable_layernorm_kernel") \
             else "torch"
         return cls(attention="flash" if g("enable_flashattn") else "sdpa", norm=norm,
                    grad_checkpoint=bool(g("grad_checkpoint")), compile=bool(g("compile")),
-                   plugin=getattr(args, "plugin", "ddp"), grad_reduce_dtype=getattr(args, "grad_reduce_dtype", "fp32"))
+                   plugin=g("plugin", "ddp"), grad_reduce_dtype=g("grad_reduce_dtype", "fp32"))
 
 
 def check_model_options(options: ModelOptions, device: torch.device, precision: Precision | None = None) -> None:
@@ -56,7 +57,8 @@ def check_model_options(options: ModelOptions, device: torch.device, precision: 
     if options.attention == "flash":
         problem = flash_attention_problem(device, precision.dtype if precision is not None else None)
         if problem is not None:
-            raise UserError(problem)
+            raise UserError(f"--enable_flashattn: {problem}; use --mixed_precision bf16 or fp16 on a GPU, or drop the "
+                            f"flag (the default SDPA attention runs anywhere)")
     if options.norm != "torch":
         from .kernels import kernels_available
 

@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import NONNEG_FLOAT, POSITIVE_INT, UserError
+from ..errors import UserError
 from .encoders import build_encoders, encode, match_grid, parse_specs
+from ..models import TRAINING_ONLY
 
-PREFIX = "projectors."  # the projectors' state dict keys (REPA's release uses the same name)
+PREFIX = TRAINING_ONLY[0]  # the projectors' state dict keys "projectors." (REPA's release uses the same name)
 SETTINGS = ("repa_encoder_weights", "repa_depth", "repa_lambda", "repa_projector_dim")  # need --repa_encoder
 
 
@@ -97,50 +98,38 @@ class Alignment:
                 f"lambda {self.loss.weight:g}")
 
 
-def setup_alignment(args, model: nn.Module, dataset, device) -> Alignment | None:
-    """REPA for a run (None without --repa_encoder): the encoders, or the data set's precomputed features, and the
-    projectors attached to ``model``. Call after building the model, before parallelizing it and its optimizer."""
-    names = parse_specs(getattr(args, "repa_encoder", None))
+def setup_alignment(cfg, model: nn.Module, dataset, device) -> Alignment | None:
+    """REPA for a run (``cfg``: its TrainConfig; None without --repa_encoder): the encoders, or the data set's
+    precomputed features, and the projectors attached to ``model``. Call after building the model, before
+    parallelizing it and its optimizer."""
+    a = cfg.alignment
+    names = parse_specs(a.repa_encoder)
     if not names:
         return None
     depth = len(model.blocks)
-    if not 1 <= args.repa_depth <= depth:
-        raise UserError(f"--repa_depth {args.repa_depth}: {args.model} has blocks 1..{depth} (published: 8 for L and "
-                        f"XL, 4 for B)")
+    if not 1 <= a.repa_depth <= depth:
+        raise UserError(f"--repa_depth {a.repa_depth}: {cfg.model.model} has blocks 1..{depth} (published: 8 for L "
+                        f"and XL, 4 for B)")
     stored = getattr(dataset, "encoder_names", None)
-    if stored is not None or args.dataset == "latents":
+    if stored is not None or cfg.data.dataset == "latents":
         if stored != names:
-            raise UserError(f"--repa_encoder {args.repa_encoder}: the latents in {args.data_path} hold features of "
+            raise UserError(f"--repa_encoder {a.repa_encoder}: the latents in {cfg.data.data_path} hold features of "
                             f"{', '.join(stored) if stored else 'no encoder'}; extract them with --repa_encoder "
-                            f"{args.repa_encoder} (scripts/dit/extract_features.py)")
-        if args.repa_encoder_weights:
+                            f"{a.repa_encoder} (scripts/dit/extract_features.py)")
+        if a.repa_encoder_weights:
             raise UserError("--repa_encoder_weights: the latents bring precomputed features; no encoder is loaded")
         encoders, dims = None, list(dataset.encoder_dims)
     else:
-        image_size = getattr(args, "image_size", None) or getattr(dataset, "image_size", None)
-        encoders = build_encoders(args.repa_encoder, args.repa_encoder_weights, device, image_size)
+        image_size = cfg.data.image_size or getattr(dataset, "image_size", None)
+        encoders = build_encoders(a.repa_encoder, a.repa_encoder_weights, device, image_size)
         dims = [e.feature_dim for e in encoders]
-    projectors = attach_projectors(model, dims, args.repa_projector_dim, seed=args.global_seed + 1)
-    return Alignment(RepaLoss(projectors, args.repa_depth, args.repa_lambda, model.x_embedder.grid_size), encoders,
-                     names)
+    projectors = attach_projectors(model, dims, a.repa_projector_dim, seed=cfg.optim.global_seed + 1)
+    return Alignment(RepaLoss(projectors, a.repa_depth, a.repa_lambda, model.x_embedder.grid_size), encoders, names)
 
 
-def add_alignment_flags(p) -> None:
-    a = p.add_argument
-    a("--repa_encoder", default=None,
-      help="REPA: align the DiT's tokens with this frozen encoder's patch features: dinov2-vit-b (published), "
-           "dinov2-vit-s/l/g[-reg], digits (the bundled digits classifier), package.module:factory; comma-separated "
-           "for several. Off by default")
-    a("--repa_encoder_weights", default=None,
-      help="REPA: the encoder's weights file (DINOv2: dinov2_vitb14_pretrain.pth; default: the torch hub cache); "
-           "comma-separated, one per encoder")
-    a("--repa_depth", type=POSITIVE_INT, default=8, help="REPA: align the tokens after this block (1 = the first)")
-    a("--repa_lambda", type=NONNEG_FLOAT, default=0.5, help="REPA: weight of the alignment loss")
-    a("--repa_projector_dim", type=POSITIVE_INT, default=2048, help="REPA: hidden width of the projector MLP")
-
-
-def check_alignment_flags(args, given: set[str] | None) -> None:
-    if given is None or parse_specs(getattr(args, "repa_encoder", None)):
+def check_alignment_settings(a, given: set[str] | None) -> None:
+    """REPA's settings (``a``: AlignmentSettings) given without --repa_encoder are an error."""
+    if given is None or parse_specs(a.repa_encoder):
         return
     if unused := [k for k in SETTINGS if k in given]:
         raise UserError(f"--{unused[0]} is a REPA setting; add --repa_encoder (e.g. dinov2-vit-b)")

@@ -179,7 +179,7 @@ class GaussianDiffusion:
             return model_output[:, :C], None
         return model_output, None
 
-    def p_mean_variance(self, model, x, t, clip_denoised: bool = True, denoised_fn=None, model_kwargs=None) -> dict:
+    def p_mean_variance(self, model, x, t, clip_denoised: bool = True, model_kwargs=None) -> dict:
         """Mean, variance, log-variance of p(x_{t-1} | x_t) and the model's x_0 prediction."""
         model_output = self._call_model(model, x, t, model_kwargs)
         out, var_values = self.split_model_output(model_output, x)
@@ -200,8 +200,6 @@ class GaussianDiffusion:
             log_variance = self._extract("posterior_log_variance_clipped", t, x).expand_as(x)
 
         def process_xstart(x0):
-            if denoised_fn is not None:
-                x0 = denoised_fn(x0)
             return x0.clamp(-1, 1) if clip_denoised else x0
 
         if self.model_mean_type == ModelMeanType.START_X:
@@ -211,27 +209,10 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
-    def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """Shift the mean by variance * grad log p(y|x) (classifier guidance)."""
-        gradient = cond_fn(x, self._model_t(t), **(model_kwargs or {}))
-        return p_mean_var["mean"] + p_mean_var["variance"] * gradient
-
-    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """Score-based conditioning for DDIM: eps <- eps - sqrt(1 - abar) * grad log p(y|x)."""
-        abar = self._extract("alphas_cumprod", t, x)
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - abar).sqrt() * cond_fn(x, self._model_t(t), **(model_kwargs or {}))
-        out = dict(p_mean_var)
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
-        out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
-        return out
-
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None) -> dict:
+    def p_sample(self, model, x, t, clip_denoised=True, model_kwargs=None) -> dict:
         """One ancestral step: x_{t-1} ~ p(x_{t-1} | x_t) (no noise at t == 0)."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         noise = torch.randn_like(x)
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         nonzero = self._bcast((t != 0).to(x.dtype), x)
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -246,7 +227,7 @@ class GaussianDiffusion:
         return tqdm(steps, desc="sampling", leave=False) if progress else steps
 
     def p_sample_loop_progressive(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+        self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
         device=None, progress=False,
     ) -> Iterator[dict]:
         """Yield p_sample's output at every step, from t = T-1 down to 0."""
@@ -254,27 +235,25 @@ class GaussianDiffusion:
         for i in self._steps(progress):
             t = torch.full((img.shape[0],), i, device=img.device, dtype=torch.long)
             with torch.no_grad():
-                out = self.p_sample(model, img, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
+                out = self.p_sample(model, img, t, clip_denoised, model_kwargs)
             yield out
             img = out["sample"]
 
     def p_sample_loop(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+        self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
         device=None, progress=False,
     ) -> torch.Tensor:
         """Ancestral (DDPM) sampling; returns x_0 samples of ``shape``."""
         final = None
         for final in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress
+            model, shape, noise, clip_denoised, model_kwargs, device, progress
         ):
             pass
         return final["sample"]
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0) -> dict:
+    def ddim_sample(self, model, x, t, clip_denoised=True, model_kwargs=None, eta=0.0) -> dict:
         """One DDIM step from t to the previous kept step (eta = 0: deterministic)."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         abar = self._extract("alphas_cumprod", t, x)
         abar_prev = self._extract("alphas_cumprod_prev", t, x)
@@ -284,36 +263,36 @@ class GaussianDiffusion:
         nonzero = self._bcast((t != 0).to(x.dtype), x)
         return {"sample": mean_pred + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0) -> dict:
+    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, model_kwargs=None, eta=0.0) -> dict:
         """One deterministic DDIM step *up* from t to t+1 (inversion)."""
         if eta != 0.0:
             raise ValueError("reverse DDIM is only defined for eta == 0")
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         abar_next = self._extract("alphas_cumprod_next", t, x)
         sample = out["pred_xstart"] * abar_next.sqrt() + (1 - abar_next).sqrt() * eps
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop_progressive(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+        self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
         device=None, progress=False, eta=0.0,
     ) -> Iterator[dict]:
         img = self._initial_noise(shape, noise, device)
         for i in self._steps(progress):
             t = torch.full((img.shape[0],), i, device=img.device, dtype=torch.long)
             with torch.no_grad():
-                out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta)
+                out = self.ddim_sample(model, img, t, clip_denoised, model_kwargs, eta)
             yield out
             img = out["sample"]
 
     def ddim_sample_loop(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+        self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
         device=None, progress=False, eta=0.0,
     ) -> torch.Tensor:
         """DDIM sampling over this process's steps (respace with "ddimN" or "N" for fewer steps)."""
         final = None
         for final in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta
+            model, shape, noise, clip_denoised, model_kwargs, device, progress, eta
         ):
             pass
         return final["sample"]

@@ -115,47 +115,54 @@ def save_stats(path: str, stats: dict) -> None:
         np.savez(tmp, **stats)
 
 
-def run_eval(args) -> dict:
-    """The metrics ``opendit eval`` prints (``args``: its flags), as a dict."""
-    if args.save_stats and os.path.isdir(args.save_stats):
-        raise UserError(f"--save_stats {args.save_stats} is a directory")
-    if args.save_stats and args.reference.endswith(".npz") and os.path.isfile(args.reference):
-        with np.load(args.reference, allow_pickle=False) as d:
+# by other names inside run_eval, whose keyword arguments are the flags' names
+kernel_inception_distance, improved_precision_recall, write_stats = kid, precision_recall, save_stats
+
+
+def run_eval(samples: str, reference: str, *, features: str = "inception", inception: str | None = None,
+             batch_size: int = 64, splits: int = 10, kid: bool = False, precision_recall: bool = False,
+             save_stats: str | None = None, device: str = "auto") -> dict:
+    """The metrics ``opendit eval`` prints, as a dict: FID (and IS, KID, precision / recall) of ``samples`` against
+    ``reference``."""
+    if save_stats and os.path.isdir(save_stats):
+        raise UserError(f"--save_stats {save_stats} is a directory")
+    if save_stats and reference.endswith(".npz") and os.path.isfile(reference):
+        with np.load(reference, allow_pickle=False) as d:
             if "arr_0" not in d.files:
-                raise UserError(f"--save_stats: the reference {args.reference} holds statistics already, not images")
+                raise UserError(f"--save_stats: the reference {reference} holds statistics already, not images")
     _torchmetrics()  # IS and KID
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible")
-    samples = ImageSource(args.samples, "samples")
-    if not samples.has_images:
-        raise UserError(f"samples {args.samples}: holds statistics, not images")
-    reference = ImageSource(args.reference, "reference")
-    extractor = build_extractor(args.features, args.inception, device)
-    name = getattr(extractor, "name", args.features)
-    need_images = args.kid or args.precision_recall
-    use_stats = reference.stats is not None and not args.save_stats and not need_images
-    if use_stats and reference.stats.get("features") not in (None, name):
-        raise UserError(f"reference {args.reference} holds {reference.stats['features']} statistics, not {name}")
-    if len(samples) < 2:
+    sample_src = ImageSource(samples, "samples")
+    if not sample_src.has_images:
+        raise UserError(f"samples {samples}: holds statistics, not images")
+    ref_src = ImageSource(reference, "reference")
+    extractor = build_extractor(features, inception, dev)
+    name = getattr(extractor, "name", features)
+    need_images = kid or precision_recall
+    use_stats = ref_src.stats is not None and not save_stats and not need_images
+    if use_stats and ref_src.stats.get("features") not in (None, name):
+        raise UserError(f"reference {reference} holds {ref_src.stats['features']} statistics, not {name}")
+    if len(sample_src) < 2:
         raise UserError("FID needs at least 2 samples")
-    s_feat, s_logits = extract(samples, extractor, args.batch_size, "samples")
+    s_feat, s_logits = extract(sample_src, extractor, batch_size, "samples")
     r_feat = None
     if not use_stats:
-        r_feat, _ = extract(reference, extractor, args.batch_size, "reference")
-        if args.save_stats:
-            save_stats(args.save_stats, feature_stats(r_feat, name))
-    out = {"fid": fid_from(s_feat, r_feat, reference.stats if use_stats else None)}
+        r_feat, _ = extract(ref_src, extractor, batch_size, "reference")
+        if save_stats:
+            write_stats(save_stats, feature_stats(r_feat, name))
+    out = {"fid": fid_from(s_feat, r_feat, ref_src.stats if use_stats else None)}
     if s_logits is not None:
-        if len(s_logits) < args.splits:
-            raise UserError(f"--splits {args.splits} exceeds the {len(s_logits)} samples")
-        out["is"], out["is_std"] = inception_score(s_logits, args.splits)
+        if len(s_logits) < splits:
+            raise UserError(f"--splits {splits} exceeds the {len(s_logits)} samples")
+        out["is"], out["is_std"] = inception_score(s_logits, splits)
     if need_images and r_feat is None:
         raise UserError("--kid and --precision_recall need reference images, not only statistics")
-    if args.kid:
-        out["kid"], out["kid_std"] = kid(s_feat, r_feat)
-    if args.precision_recall:
-        out["precision"], out["recall"] = precision_recall(s_feat, r_feat, device=device)
-    out.update(num_samples=len(samples), num_reference=len(reference) if r_feat is not None else reference.stats.get("n"),
-               features=name)
+    if kid:
+        out["kid"], out["kid_std"] = kernel_inception_distance(s_feat, r_feat)
+    if precision_recall:
+        out["precision"], out["recall"] = improved_precision_recall(s_feat, r_feat, device=dev)
+    out.update(num_samples=len(sample_src),
+               num_reference=len(ref_src) if r_feat is not None else ref_src.stats.get("n"), features=name)
     return out

@@ -8,9 +8,11 @@ Shapes used in comments:
     p  patch size       h, w = H/p, W/p          T = h*w tokens
     D  hidden size      nh heads, hd = D/nh head dim
 
-Speed options are keyword arguments named after the training flags; the default path is
-plain PyTorch with ``F.scaled_dot_product_attention``. ``attention_impl="eager"`` is the
-explicit softmax(QK^T/sqrt(hd))V reference used in tests.
+A DiT is built from a ``DiTConfig`` (opendit.models.config: architecture and block options; ``DiT(**fields)`` builds
+the config of those keyword arguments, the published signature). Speed switches are set from outside
+(``set_attention_impl``, ``set_norm_impl``, ``set_grad_checkpoint``; opendit.parallelize applies them); the default
+path is plain PyTorch with ``F.scaled_dot_product_attention``. Attention ``"eager"`` is the explicit
+softmax(QK^T/sqrt(hd))V reference used in tests.
 
 Block options of the LightningDiT lineage, each off by default (off: the published DiT, bit for bit), with that
 lineage's keyword names and parameter names, so a LightningDiT state dict loads with ``strict=True`` too:
@@ -36,15 +38,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+from .config import MODEL_NAMES, DiTConfig, _pair, swiglu_hidden
+
+
 class AttentionBackendError(RuntimeError):
     """The requested attention backend cannot run here (e.g. flash attention without a GPU)."""
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -154,7 +152,7 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return scores.softmax(dim=-1) @ v
 
 
-try:  # optional: used by --enable_flashattn when installed (resolved once, outside any traced code)
+try:  # optional: used by the "flash" attention when installed (resolved once, outside any traced code)
     from flash_attn import flash_attn_func as _FLASH_ATTN_FUNC
 except Exception:
     _FLASH_ATTN_FUNC = None
@@ -162,15 +160,14 @@ except Exception:
 
 def flash_attention_problem(device, dtype: torch.dtype | None) -> str | None:
     """Why flash attention cannot run on ``device`` with activations of ``dtype`` (None: fp32), or None when it can.
-    The one check behind --enable_flashattn: the programs call it before they start, the attention call at run time."""
+    The one check behind the "flash" attention: the programs call it before they start, the attention at run time."""
     device = torch.device(device)
     if device.type != "cuda":
-        return (f"--enable_flashattn needs a CUDA GPU (flash / cuDNN attention); this runs on {device.type}. Drop the "
-                f"flag to use the default SDPA attention")
+        return (f"flash attention needs a CUDA GPU (flash / cuDNN kernels); this runs on {device.type}; the default "
+                f"SDPA attention runs anywhere")
     if dtype not in (torch.float16, torch.bfloat16):
         name = {None: "fp32", torch.float32: "fp32"}.get(dtype, str(dtype).replace("torch.", ""))
-        return (f"--enable_flashattn needs fp16 or bf16 activations, not {name}: use --mixed_precision bf16 or fp16, "
-                f"or drop the flag")
+        return f"flash attention needs fp16 or bf16 activations, not {name}"
     return None
 
 
@@ -187,7 +184,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(q, k, v)
     except RuntimeError as e:  # "No available kernel"
-        raise AttentionBackendError(f"--enable_flashattn: no flash or cuDNN attention kernel for this input ({e})") from e
+        raise AttentionBackendError(f"flash attention: no flash or cuDNN attention kernel for this input ({e})") from e
 
 
 class RMSNorm(nn.Module):
@@ -311,11 +308,6 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
-def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
-    """The published SwiGLU width: 2/3 of the GELU MLP's, so the two have about the same parameters and FLOPs."""
-    return int(2 / 3 * int(dim * mlp_ratio))
-
-
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """Per-sample affine modulation: (N, T, D), (N, D) or None, (N, D) -> x * (1 + scale) + shift."""
     if shift is None:
@@ -324,8 +316,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -
 
 
 NORM_IMPLS = ("torch", "layernorm_kernel", "modulate_kernel")
-RMSNORM_KERNEL_PROBLEM = ("--enable_layernorm_kernel / --enable_modulate_kernel are Triton LayerNorm kernels; with "
-                          "--use_rmsnorm use --compile instead (Inductor fuses RMSNorm with the modulation)")
+RMSNORM_KERNEL_PROBLEM = ("the layernorm and modulate kernels are Triton LayerNorm kernels; a use_rmsnorm model "
+                          "compiles instead (Inductor fuses RMSNorm with the modulation)")
 
 
 def norm_and_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor,
@@ -410,75 +402,57 @@ class FinalLayer(nn.Module):
 
 # ----------------------------------------------------------------------------- DiT
 
+# Parts a training run may attach to a DiT that are trained but never sampled: REPA's projectors (``model.projectors``,
+# opendit.alignment). They are kept out of the EMA and of the weights a sampler loads.
+TRAINING_ONLY = ("projectors.",)
+
+
+def sampling_weights(sd: dict) -> dict:
+    """A state dict without the training-only parts."""
+    return {k: v for k, v in sd.items() if not k.startswith(TRAINING_ONLY)}
+
+
 class DiT(nn.Module):
     """Diffusion Transformer. forward(x (N, C, H, W), t (N,), y (N,)) -> (N, out_C, H, W),
     out_C = 2C with learn_sigma (epsilon, then the variance interpolation v), else C."""
 
-    def __init__(
-        self,
-        input_size=32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        *,
-        enable_flashattn: bool = False,
-        grad_checkpoint: bool = False,
-        enable_layernorm_kernel: bool = False,
-        enable_modulate_kernel: bool = False,
-        attention_impl: str | None = None,
-        use_rmsnorm: bool = False,
-        use_swiglu: bool = False,
-        use_rope: bool = False,
-        use_qknorm: bool = False,
-        wo_shift: bool = False,
-        wo_pos_embed: bool = False,
-    ):
+    def __init__(self, config: DiTConfig | None = None, /, **fields):
+        """``DiT(config)``, or ``DiT(input_size=..., patch_size=..., ...)``: the DiTConfig of those fields."""
         super().__init__()
-        if attention_impl is None:
-            attention_impl = "flash" if enable_flashattn else "sdpa"
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention implementation {attention_impl!r}; choose from {ATTENTION_IMPLS}")
-        self.input_size = _pair(input_size)
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
-        self.num_heads = num_heads
-        self.hidden_size = hidden_size
-        self.mlp_ratio = mlp_ratio
+        if config is None:
+            config = DiTConfig(**fields)
+        elif fields:
+            raise TypeError("DiT(config) takes no other arguments; use config.replace(...)")
+        self.config = config
+        self.input_size = config.input_size
+        self.patch_size = config.patch_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.learn_sigma = config.learn_sigma
+        self.num_classes = config.num_classes
+        self.num_heads = config.num_heads
+        self.hidden_size = config.hidden_size
+        self.mlp_ratio = config.mlp_ratio
         self.grad_checkpoint = False
-        self.options = dict(use_rmsnorm=bool(use_rmsnorm), use_swiglu=bool(use_swiglu), use_rope=bool(use_rope),
-                            use_qknorm=bool(use_qknorm), wo_shift=bool(wo_shift), wo_pos_embed=bool(wo_pos_embed))
-        if problem := block_options_problem(self.options, hidden_size, num_heads):
-            raise ValueError(problem)
+        self.options = config.block_options
+        hidden_size, num_heads, mlp_ratio = config.hidden_size, config.num_heads, config.mlp_ratio
 
-        self.x_embedder = PatchEmbed(self.input_size, patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(self.input_size, config.patch_size, config.in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         # Fixed sin-cos table; a (frozen) Parameter so that it is part of the published state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        if use_rope:  # the head dimension must hold a rotated pair per frequency on each axis
+        if config.use_rope:  # the head dimension must hold a rotated pair per frequency on each axis
             self.feat_rope = RotaryEmbedding2D(hidden_size // num_heads, self.x_embedder.grid_size)
         else:
             self.feat_rope = None
-        block_options = dict(use_rmsnorm=use_rmsnorm, use_swiglu=use_swiglu, use_qknorm=use_qknorm, wo_shift=wo_shift)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, attention_impl=attention_impl,
-                                              **block_options) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm=use_rmsnorm)
+        block_options = dict(use_rmsnorm=config.use_rmsnorm, use_swiglu=config.use_swiglu,
+                             use_qknorm=config.use_qknorm, wo_shift=config.wo_shift)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, **block_options)
+                                     for _ in range(config.depth)])
+        self.final_layer = FinalLayer(hidden_size, config.patch_size, self.out_channels,
+                                      use_rmsnorm=config.use_rmsnorm)
         self.initialize_weights()
-        # the speed switches, as a convenience: the same setters opendit.parallelize applies from outside
-        self.set_grad_checkpoint(grad_checkpoint)
-        if enable_modulate_kernel:
-            self.set_norm_impl("modulate_kernel")
-        elif enable_layernorm_kernel:
-            self.set_norm_impl("layernorm_kernel")
 
     # -- options applied from outside
     @property
@@ -586,117 +560,9 @@ class DiT(nn.Module):
 
 # ----------------------------------------------------------------------------- registry
 
-# name: (depth, hidden_size, num_heads). S/B/L/XL are the published family; T (tiny, DeiT-Ti
-# width) and N (nano) are extra small configs for CPU runs and tests; 1p0B and 1p6B are LightningDiT's larger sizes.
-DIT_SIZES = {
-    "XL": (28, 1152, 16),
-    "L": (24, 1024, 16),
-    "B": (12, 768, 12),
-    "S": (12, 384, 6),
-    "T": (12, 192, 3),
-    "N": (4, 128, 4),
-    "1p0B": (24, 1536, 24),
-    "1p6B": (28, 1792, 28),
-}
-# LightningDiT's registry names: the same structure (patch 1 or 2); as in that code, a name implies no block option
-LIGHTNING_NAMES = tuple(f"LightningDiT-{s}/{p}" for s in ("XL", "L", "B", "1p0B", "1p6B") for p in (1, 2))
-BLOCK_OPTIONS = ("use_rmsnorm", "use_swiglu", "use_rope", "use_qknorm", "wo_shift", "wo_pos_embed")
+# the registry of the DiT release: name -> a factory taking the remaining DiTConfig fields (input_size, ...)
+def _make(name: str, **fields) -> DiT:
+    return DiT(DiTConfig.from_name(name, **fields))
 
 
-def block_options_problem(options: dict, hidden_size: int, num_heads: int, norm_impl: str = "torch") -> str | None:
-    """Why these block options cannot build a model of this width (one line for the programs), or None."""
-    if unknown := sorted(set(options) - set(BLOCK_OPTIONS)):
-        return f"unknown block option {unknown[0]!r}; choose from {', '.join(BLOCK_OPTIONS)}"
-    if options.get("wo_pos_embed") and not options.get("use_rope"):
-        return "--wo_pos_embed drops the absolute position embedding, the only position information without --use_rope"
-    head_dim = hidden_size // num_heads
-    if options.get("use_rope") and head_dim % 4:
-        return (f"--use_rope rotates pairs of channels on two axes, so the head dimension must be divisible by 4; "
-                f"{hidden_size} / {num_heads} heads = {head_dim}")
-    if options.get("use_rmsnorm") and norm_impl != "torch":
-        return RMSNORM_KERNEL_PROBLEM
-    return None
-
-
-def _make(depth: int, hidden_size: int, num_heads: int, patch_size: int, **kwargs) -> DiT:
-    return DiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
-
-
-def _split_name(name: str) -> tuple[str, int]:
-    size, p = name.split("-", 1)[1].split("/")
-    return size, int(p)
-
-
-DiT_models = {
-    f"DiT-{size}/{p}": partial(_make, *DIT_SIZES[size], p)
-    for size in ("XL", "L", "B", "S", "T", "N")
-    for p in (1, 2, 4, 8)
-}
-DiT_models.update({name: partial(_make, *DIT_SIZES[_split_name(name)[0]], _split_name(name)[1])
-                   for name in LIGHTNING_NAMES})
-PUBLISHED_MODELS = tuple(f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8))
-
-
-def unknown_model(name: str) -> str:
-    """The message for a model name that is not registered: the closest names first, then where the list is."""
-    import difflib
-
-    close = difflib.get_close_matches(name, list(DiT_models), n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    return f"unknown model {name!r}; {hint}`opendit models` lists all {len(DiT_models)} (DiT-{{XL,L,B,S,T,N}}/{{1,2,4,8}}, " \
-           f"LightningDiT-*)"
-
-
-def model_config(name: str) -> dict:
-    """depth, hidden_size, num_heads and patch_size of a registered config."""
-    if name not in DiT_models:
-        raise KeyError(unknown_model(name))
-    size, p = _split_name(name)
-    depth, hidden, heads = DIT_SIZES[size]
-    return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": p}
-
-
-def block_options_from_state_dict(sd: dict, hidden: int) -> dict:
-    """The block options a state dict's keys and shapes show (``wo_pos_embed`` is not in the weights: False)."""
-    mod = sd.get("blocks.0.adaLN_modulation.1.weight")
-    return {"use_rmsnorm": "final_layer.norm_final.weight" in sd, "use_swiglu": "blocks.0.mlp.w12.weight" in sd,
-            "use_rope": "feat_rope.freqs_cos" in sd, "use_qknorm": "blocks.0.attn.q_norm.weight" in sd,
-            "wo_shift": mod is not None and mod.shape[0] == 4 * hidden, "wo_pos_embed": False}
-
-
-def _mlp_ratio(sd: dict, hidden: int, swiglu: bool) -> float:
-    if not swiglu:
-        return sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in sd else 4.0
-    width = sd["blocks.0.mlp.w3.weight"].shape[1]  # int(2/3 * int(hidden * ratio)): try 4 (published), then others
-    for ratio in (4.0, *(k / 8 for k in range(1, 129))):
-        if swiglu_hidden(hidden, ratio) == width:
-            return ratio
-    raise ValueError(f"a SwiGLU width of {width} matches no MLP ratio for hidden size {hidden}")
-
-
-def config_from_state_dict(sd: dict) -> dict:
-    """What a DiT state dict determines: patch size, input channels, width, depth, classes, token count,
-    learn_sigma, the block options, and the registry name when one matches. Raises ValueError if it is not a DiT
-    state dict."""
-    need = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise ValueError(f"not a DiT state dict (no {missing[0]})")
-    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
-    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
-    options = block_options_from_state_dict(sd, int(hidden))
-    cfg = {
-        "patch_size": int(patch), "in_channels": int(in_channels), "hidden_size": int(hidden), "depth": depth,
-        "num_classes": int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1,  # the last row is the null class
-        "num_tokens": int(sd["pos_embed"].shape[1]), "learn_sigma": out == 2 * in_channels,
-        "mlp_ratio": _mlp_ratio(sd, int(hidden), options["use_swiglu"]) if depth else 4.0, "options": options,
-    }
-    cfg["name"] = next((f"DiT-{s}/{patch}" for s, (d, h, _) in DIT_SIZES.items()
-                        if d == depth and h == hidden and f"DiT-{s}/{patch}" in DiT_models), None)
-    if cfg["name"] is None:
-        cfg["name"] = next((f"LightningDiT-{s}/{patch}" for s, (d, h, _) in DIT_SIZES.items()
-                            if d == depth and h == hidden and f"LightningDiT-{s}/{patch}" in DiT_models), None)
-    heads = {h: nh for d, h, nh in DIT_SIZES.values()}
-    cfg["num_heads"] = heads.get(int(hidden))
-    return cfg
+DiT_models = {name: partial(_make, name) for name in MODEL_NAMES}

@@ -44,13 +44,14 @@ def compiled_forward(model, *, cuda_graphs: bool = False, enabled: bool = True):
         yield model
 
 
-def check_fast_flags(args, device: torch.device) -> None:
-    """--compile, --cuda_graphs and --cache_method together, on this device."""
-    if getattr(args, "cuda_graphs", False) and not args.compile:
+def check_fast_flags(machine, cache, device: torch.device) -> None:
+    """--compile, --cuda_graphs and --cache_method together, on this device (``machine``, ``cache``: the sampling
+    config's sections)."""
+    if machine.cuda_graphs and not machine.compile:
         raise UserError("--cuda_graphs captures the compiled model: add --compile")
-    if getattr(args, "cuda_graphs", False) and device.type != "cuda":
+    if machine.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda_graphs needs a CUDA device (this run samples on the CPU)")
-    if args.compile and getattr(args, "cache_method", "none") != "none":
+    if machine.compile and cache.cache_method != "none":
         raise UserError("--cache_method runs the model eagerly (it reroutes the blocks' branches call by call): leave "
                         "out --compile")
 

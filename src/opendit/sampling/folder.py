@@ -29,11 +29,12 @@ from ..atomic import atomic_path, replace, write_text_atomic
 from ..errors import UserError
 from ..images import to_uint8_tensor
 from ..precision import Precision
-from ..training import checkpoint as ckpt
-from ..objectives import objective_settings
+from .. import checkpoint as ckpt
+from ..config.sample import FolderConfig
+from ..parallelize import ModelOptions
 from .compiled import auto_batch_size, check_fast_flags, compiled_forward
-from .generate import DEFAULT_METHOD, FLOW_OPTIONS, describe_settings, generate
-from .load import check_sampling_flags, clip_for, load_for_sampling
+from .generate import describe_settings, generate
+from .load import clip_for, load_for_sampling, sampler_settings
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -72,9 +73,10 @@ SETTINGS_FORMAT = "opendit-samples-v1"
 INFORMATIONAL = ("format", "checkpoint")  # recorded, not compared: the same weights elsewhere give the same samples
 
 
-def sample_settings(args, loaded, clip: bool, sampling: dict) -> dict:
-    """Everything that decides the images of a sample folder (``sampling``: generate's keyword arguments; a flow's
-    settings and a guidance interval are recorded only when they apply, so older folders still compare equal)."""
+def sample_settings(cfg: FolderConfig, loaded, clip: bool, sampling: dict) -> dict:
+    """Everything that decides the images of a sample folder (``sampling``: generate's keyword arguments; an
+    objective's sampler settings and a guidance interval are recorded only when they apply, so older folders still
+    compare equal)."""
     extra = {}
     for key in ("cfg_interval", "cfg_interval_sigma"):
         if sampling.get(key) is not None:
@@ -82,10 +84,11 @@ def sample_settings(args, loaded, clip: bool, sampling: dict) -> dict:
     if sampling.get("cache") is not None:
         c = sampling["cache"]
         extra["cache"] = {"method": c.method, "interval": c.interval, "warmup": c.warmup}
-    if "objective" in sampling:  # a flow
-        extra.update(objective_settings(sampling["objective"]))
-        extra.update({k: sampling.get(k, v) for k, v in FLOW_OPTIONS.items()})
-        extra["sampling_method"] = extra["sampling_method"] or DEFAULT_METHOD[sampling["sampler"]]
+    objective = sampling["objective"]
+    if options := objective.sampler_settings(sampling["sampler"], sampling):  # the diffusion's samplers have none
+        extra.update(objective.record())
+        extra.update(options)
+    machine, out = cfg.machine, cfg.output
     return extra | {
         "format": SETTINGS_FORMAT,
         "checkpoint": os.path.abspath(loaded.source),
@@ -96,16 +99,16 @@ def sample_settings(args, loaded, clip: bool, sampling: dict) -> dict:
         "num_classes": loaded.num_classes,
         "labels": "sample i has class i mod num_classes",
         "sampler": sampling["sampler"],
-        "num_sampling_steps": args.num_sampling_steps,
-        "cfg_scale": args.cfg_scale,
-        "guidance_channels": args.guidance_channels,
+        "num_sampling_steps": cfg.sampler.num_sampling_steps,
+        "cfg_scale": cfg.guidance.cfg_scale,
+        "guidance_channels": cfg.guidance.guidance_channels,
         "clip_denoised": clip,
-        "seed": args.seed,
-        "num_samples": args.num_samples,
-        "per_proc_batch_size": args.per_proc_batch_size,  # batch b is seeded from (seed, b)
-        "mixed_precision": args.mixed_precision,
-        "enable_flashattn": args.enable_flashattn,
-    } | ({"compile": "cuda_graphs" if args.cuda_graphs else "inductor"} if getattr(args, "compile", False) else {})
+        "seed": cfg.sampler.seed,
+        "num_samples": out.num_samples,
+        "per_proc_batch_size": out.per_proc_batch_size,  # batch b is seeded from (seed, b)
+        "mixed_precision": machine.mixed_precision,
+        "enable_flashattn": machine.enable_flashattn,
+    } | ({"compile": "cuda_graphs" if machine.cuda_graphs else "inductor"} if machine.compile else {})
 
 
 def default_sample_dir(settings: dict) -> str:
@@ -249,24 +252,25 @@ def resolve_auto_batch(loaded, sampling: dict, clip: bool, precision, env) -> in
     return batch
 
 
-def sample_all(args) -> int:
-    """The body of sample_ddp.py (``args``: its flags)."""
-    env = distributed.init_distributed(args.device)
-    precision = Precision(args.mixed_precision, env.device)
-    check_fast_flags(args, env.device)
-    loaded = load_for_sampling(args, env.device, precision)
-    sampling = check_sampling_flags(args, loaded)
-    clip = clip_for(args, loaded)
-    if args.per_proc_batch_size == "auto":
-        args.per_proc_batch_size = resolve_auto_batch(loaded, sampling, clip, precision, env)
+def sample_all(cfg: FolderConfig) -> int:
+    """The body of sample_ddp.py."""
+    machine, out = cfg.machine, cfg.output
+    env = distributed.init_distributed(machine.device)
+    precision = Precision(machine.mixed_precision, env.device)
+    check_fast_flags(machine, cfg.cache, env.device)
+    loaded = load_for_sampling(cfg.checkpoint, ModelOptions.from_config(machine), env.device, precision)
+    sampling = sampler_settings(cfg, loaded)
+    clip = clip_for(cfg, loaded)
+    if out.per_proc_batch_size == "auto":
+        out.per_proc_batch_size = resolve_auto_batch(loaded, sampling, clip, precision, env)
 
     def prepare() -> tuple[str, str, dict]:
-        settings = sample_settings(args, loaded, clip, sampling)
-        sample_dir = os.path.normpath(args.sample_dir) if args.sample_dir else default_sample_dir(settings)
-        return sample_dir, prepare_sample_dir(sample_dir, settings, args.overwrite), settings
+        settings = sample_settings(cfg, loaded, clip, sampling)
+        sample_dir = os.path.normpath(out.sample_dir) if out.sample_dir else default_sample_dir(settings)
+        return sample_dir, prepare_sample_dir(sample_dir, settings, out.overwrite), settings
 
     sample_dir, work, settings = distributed.broadcast_object(distributed.on_rank0(prepare, env), env)
-    B, N = args.per_proc_batch_size, args.num_samples
+    B, N = out.per_proc_batch_size, out.num_samples
     n_batches = -(-N // B)
     mine = range(env.rank, n_batches, env.world_size)
     todo = [b for b in mine if not all(os.path.exists(png_path(work, i)) for i in range(b * B, min(N, (b + 1) * B)))]
@@ -274,11 +278,11 @@ def sample_all(args) -> int:
         print(f"{loaded.name} from {loaded.source} ({loaded.objective_note}): {N} samples, "
               f"{describe_settings(sampling)}, {env.world_size} process(es) x batch {B} -> {sample_dir}; "
               f"{len(mine) - len(todo)} of this rank's {len(mine)} batches already done")
-    with PngWriter(work) as writer, compiled_forward(loaded.model, cuda_graphs=args.cuda_graphs,
-                                                      enabled=args.compile):
+    with PngWriter(work) as writer, compiled_forward(loaded.model, cuda_graphs=machine.cuda_graphs,
+                                                      enabled=machine.compile):
         for b in tqdm(todo, desc="sampling", disable=not env.is_main, dynamic_ncols=True):
             idx = range(b * B, min(N, (b + 1) * B))
-            torch.manual_seed(batch_seed(args.seed, b))
+            torch.manual_seed(batch_seed(cfg.sampler.seed, b))
             y = torch.tensor([i % loaded.num_classes for i in idx], device=env.device)
             z = torch.randn(len(idx), loaded.in_channels, *loaded.input_size, device=env.device)
             with precision.autocast():
@@ -286,7 +290,7 @@ def sample_all(args) -> int:
             writer.write(idx, loaded.space.to_images(x.float()))  # the VAE decodes in fp32, as published
     distributed.barrier(env)
     if env.is_main:
-        out = finish_sample_dir(work, sample_dir, settings, loaded.num_classes)
-        print(f"wrote {N} PNGs to {sample_dir} and {out}")
+        path = finish_sample_dir(work, sample_dir, settings, loaded.num_classes)
+        print(f"wrote {N} PNGs to {sample_dir} and {path}")
     distributed.barrier(env)
     return 0

@@ -10,11 +10,12 @@ import torch
 from ..distributed import pick_device
 from ..errors import UserError
 from ..images import labelled_grid, save_image_atomic
+from ..parallelize import ModelOptions
 from ..precision import Precision
 from ..space import Space
 from .compiled import check_fast_flags, compiled_forward
 from .generate import describe_settings, generate, quick_sampler
-from .load import check_sampling_flags, clip_for, load_for_sampling
+from .load import clip_for, load_for_sampling, sampler_settings
 
 PUBLISHED_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the published sample.py's ImageNet classes
 
@@ -49,23 +50,24 @@ def write_sample_grid(path: str, model, space: Space, *, num_classes: int, class
     save_image_atomic(labelled_grid(space.to_images(out.float()), labels.tolist(), class_names), path)
 
 
-def sample_grid(args) -> int:
-    """The body of sample_dit.py (``args``: its flags): a labelled grid PNG of samples from a checkpoint."""
-    device = pick_device(args.device, 0)
-    precision = Precision(args.mixed_precision, device)
-    check_fast_flags(args, device)
-    loaded = load_for_sampling(args, device, precision)
-    settings = check_sampling_flags(args, loaded)
-    labels = parse_labels(args.labels, loaded.num_classes)
-    torch.manual_seed(args.seed)
+def sample_grid(cfg) -> int:
+    """The body of sample_dit.py (``cfg``: a GridConfig): a labelled grid PNG of samples from a checkpoint."""
+    machine, out = cfg.machine, cfg.output
+    device = pick_device(machine.device, 0)
+    precision = Precision(machine.mixed_precision, device)
+    check_fast_flags(machine, cfg.cache, device)
+    loaded = load_for_sampling(cfg.checkpoint, ModelOptions.from_config(machine), device, precision)
+    settings = sampler_settings(cfg, loaded)
+    labels = parse_labels(out.labels, loaded.num_classes)
+    torch.manual_seed(cfg.sampler.seed)
     y = torch.tensor(labels, device=device)
     z = torch.randn(len(labels), loaded.in_channels, *loaded.input_size, device=device)
-    with precision.autocast(), compiled_forward(loaded.model, cuda_graphs=args.cuda_graphs, enabled=args.compile):
-        x = generate(loaded.model, y, z, clip_denoised=clip_for(args, loaded), progress=True, **settings)
+    with precision.autocast(), compiled_forward(loaded.model, cuda_graphs=machine.cuda_graphs, enabled=machine.compile):
+        x = generate(loaded.model, y, z, clip_denoised=clip_for(cfg, loaded), progress=True, **settings)
     images = loaded.space.to_images(x.float())
-    if os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    save_image_atomic(labelled_grid(images, labels, loaded.class_names), args.out)
+    if os.path.dirname(out.out):
+        os.makedirs(os.path.dirname(out.out), exist_ok=True)
+    save_image_atomic(labelled_grid(images, labels, loaded.class_names), out.out)
     print(f"{loaded.name} from {loaded.source} ({loaded.objective_note}): {len(labels)} samples, "
-          f"{describe_settings(settings)} -> {args.out}")
+          f"{describe_settings(settings)} -> {out.out}")
     return 0

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ..alignment.repa import PREFIX as PROJECTORS
 from ..distributed import DistEnv, full_model_state, local
+from ..models import TRAINING_ONLY
 
-# training-only parts of a trained model that are not part of the sampled model: not averaged, not in the EMA state
-# (REPA's projectors)
-NOT_AVERAGED = (PROJECTORS,)
+# the model's training-only parts (REPA's projectors) are not part of the sampled model: not averaged, not in the EMA
+NOT_AVERAGED = TRAINING_ONLY
 
 
 class EMA:

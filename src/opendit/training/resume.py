@@ -10,8 +10,9 @@ import torch
 
 from .. import distributed
 from ..distributed import DistEnv
+from .. import checkpoint as ckpt
+from ..config import TrainConfig
 from ..errors import UserError
-from . import checkpoint as ckpt
 from .ema import EMA, NOT_AVERAGED
 from .run_settings import apply_run_settings, saved_settings
 from .state import TrainState
@@ -26,19 +27,19 @@ class ResumePlan:
     notes: list = field(default_factory=list)  # lines for the run's log
 
 
-def plan_resume(args, given: set[str] | None, env: DistEnv) -> ResumePlan:
+def plan_resume(cfg: TrainConfig, given: set[str] | None, env: DistEnv) -> ResumePlan:
     """Resolve ``--load`` (``auto``: the newest run of this model under --outputs that has a checkpoint) and apply the
-    run's settings to ``args`` (see run_settings): the settings of a resumed run are the run's."""
-    plan = ResumePlan(load=args.load)
+    run's settings to ``cfg`` (see run_settings): the settings of a resumed run are the run's."""
+    plan = ResumePlan(load=cfg.schedule.load)
     if plan.load == "auto":
-        found = ckpt.find_auto_resume(args.outputs, args.model) if env.is_main else None
+        found = ckpt.find_auto_resume(cfg.schedule.outputs, cfg.model.model) if env.is_main else None
         plan.load = distributed.broadcast_object(found, env)
         if plan.load is None:
-            plan.notes.append(f"--load auto: no checkpoint of {args.model} under {args.outputs}; starting a new run")
+            plan.notes.append(f"--load auto: no checkpoint of {cfg.model.model} under {cfg.schedule.outputs}; starting a new run")
     if plan.load:
         plan.run_dir, plan.saved = distributed.broadcast_object(
             distributed.on_rank0(lambda: saved_settings(plan.load), env), env)
-        plan.changes = apply_run_settings(args, given, plan.saved, env.world_size, plan.run_dir)
+        plan.changes = apply_run_settings(cfg, given, plan.saved, env.world_size, plan.run_dir)
     return plan
 
 

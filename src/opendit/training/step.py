@@ -31,6 +31,7 @@ import torch
 from .. import faults
 from ..distributed import DistEnv, all_reduce_
 from ..precision import Precision
+from .torch_private import optimizer_found_inf, set_scaler_found_inf
 
 
 @dataclass
@@ -197,14 +198,10 @@ def update_on_device(opt, scaler, ema, ema_decay: float, bad: torch.Tensor) -> N
     if scaler is not None:
         # the scaler's own found_inf covers this rank's gradients only (a shard, under FSDP); make it the all-reduced
         # flag, so that every rank skips alike and the scale backs off alike
-        for found in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values():
-            found.copy_(bad)
+        set_scaler_found_inf(scaler, opt, bad)
         scaler.step(opt)  # a fused optimizer takes found_inf from the scaler: no host sync
         scaler.update()
     else:
-        opt.found_inf = bad
-        try:
+        with optimizer_found_inf(opt, bad):
             opt.step()
-        finally:
-            del opt.found_inf
     ema.update(ema_decay, keep=1.0 - bad)

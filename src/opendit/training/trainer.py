@@ -1,38 +1,45 @@
-"""Train a class-conditional DiT: ``train(args)`` is the body of scripts/dit/train.py.
+"""Train a class-conditional DiT: ``train(cfg)`` (cfg: a TrainConfig) is the body of scripts/dit/train.py.
 
-Read top to bottom: processes -> what to resume (the run's settings) -> data and the space the model works in ->
-model, parallelism, optimizer, objective -> resume or start -> run directory -> the loop (draws, step, log,
-checkpoint, evaluation) -> final checkpoint and sample grid. The step itself is opendit.training.step; its randomness
-opendit.training.randomness (a function of seed and global step over the global batch).
+Read top to bottom: ``train`` (processes -> what to resume: the run's settings -> ``build`` -> ``open_session`` ->
+``train_loop`` -> final checkpoint and sample grid); ``build`` (data and the space the model works in, the DiT of its
+DiTConfig, REPA's parts, parallelism, optimizer, objective); ``open_session`` (resume or start, the run directory, its
+config.json, history and log); ``train_loop`` (draws, step, log, checkpoint, evaluation). A ``Run`` holds what they
+built. The step itself is opendit.training.step; its randomness opendit.training.randomness (a function of seed and
+global step over the global batch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import checkpoint as ckpt
 from .. import distributed
-from ..alignment import check_alignment_flags, setup_alignment
+from ..alignment import check_alignment_settings, setup_alignment
+from ..config import TrainConfig
+from ..config.train import DATASETS, ObjectiveSettings, OptimSettings
 from ..data import GlobalBatchPlan, build_dataset, default_image_size, plan_batches
 from ..data.latents import LatentDataset
 from ..errors import TrainingFailed, UserError
-from ..flops import dit_train_flops_per_image, model_cost_config
-from ..models import (BLOCK_OPTIONS, AttentionBackendError, DiT, DiT_models, block_options_problem, model_config,
+from ..flops import dit_train_flops_per_image
+from ..models import (MODEL_NAMES, AttentionBackendError, DiT, DiTConfig, block_options_problem, model_config,
                       unknown_model)
-from ..objectives import FLOW_SETTINGS, build_objective, describe_objective, objective_settings
+from ..objectives import Objective, build_objective
 from ..parallelize import ModelOptions, check_model_options, parallelize_dit
 from ..precision import Precision
 from ..preemption import StopRequest
 from ..space import Space, check_patch, training_space
 from ..transport.transport import ONE_CHANNEL_COSINE
-from . import checkpoint as ckpt
 from .bad_images import BadImages
 from .ema import EMA, NOT_AVERAGED
 from .optim import build_optimizer, learning_rate
@@ -43,227 +50,262 @@ from .runlog import RunLog, new_run_dir
 from .state import TrainState
 from .step import StepBatch, train_step
 
-DATASETS = ("cifar10", "imagefolder", "digits", "latents")
+
+@dataclass
+class Run:
+    """What a training session works with, built in order by ``build`` (data, model, optimizer, objective) and
+    ``open_session`` (resumed or fresh state, the run directory, its log)."""
+
+    cfg: TrainConfig
+    env: object
+    precision: Precision
+    options: ModelOptions
+    global_batch: int
+    dataset: object = None
+    space: Space = None
+    model: DiT = None  # the plain model (sharded in place under zero2 / fsdp)
+    train_model: torch.nn.Module = None  # what the step calls: the model, or its DDP wrapper
+    opt: torch.optim.Optimizer = None
+    objective: Objective = None
+    alignment: object = None  # REPA, or None
+    shapes: dict = None  # the model's state dict shapes (checked against a checkpoint)
+    state: TrainState = None
+    ema: EMA = None
+    ckpt_dir: str | None = None  # the checkpoint resumed from
+    run_dir: str | None = None
+    created: bool = False  # this session created run_dir
+    log: RunLog = None
+    batch_plan: GlobalBatchPlan = None
+    total_steps: int = 0
+
+    def ema_model(self):
+        """A fresh plain model holding the EMA weights, on rank 0 (None elsewhere; collective)."""
+        ema_state = self.ema.state_dict(self.env)
+        return sampling_model(self.model, self.options, ema_state, self.env) if self.env.is_main else None
 
 
-def train(args, given: set[str] | None = None, command: list[str] | None = None) -> int:
-    """``given``: the flags set on the command line (None: all of them); on resume the others come from the run (see
-    run_settings). ``command``: the command line, recorded in the run's history."""
-    validate(args)
-    env = distributed.init_distributed(args.device)
-    log, run_dir, created, stop = RunLog(None), None, False, StopRequest()
+def train(cfg: TrainConfig, given: set[str] | None = None, command: list[str] | None = None) -> int:
+    """``given``: the settings given on the command line or in the recipe (None: all of them); on resume the others
+    come from the run (see run_settings). ``command``: the command line, recorded in the run's history."""
+    validate(cfg)
+    env = distributed.init_distributed(cfg.machine.device)
+    run, stop = None, StopRequest()
     try:
         # --- what to resume, and the settings of that run: they decide the model and the data, so they come first
-        resume = plan_resume(args, given, env)
-        validate(args, given)
-        precision = Precision(args.mixed_precision, env.device)
-        options = ModelOptions.from_flags(args)
-        global_batch = args.batch_size * env.world_size
-
-        # --- data, and the space the model works in (pixels or a VAE's latents)
-        dataset, space = load_data(args, global_batch, env.device, resume)
-        check_patch(space, args.model, int(args.model.split("/")[-1]))
-        check_model_options(options, env.device, precision)
-
-        # --- model, parallelism, EMA, optimizer, objective
-        model = build_model(args.model, space, dataset.num_classes, args.global_seed, env.device, block_options(args))
-        alignment = setup_alignment(args, model, dataset, env.device)  # REPA: encoders, projectors on the model
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        train_model = parallelize_dit(model, options, env, precision)  # zero2 / fsdp: sharded in place
-        opt = build_optimizer(model, args.lr, env.device, getattr(args, "adam_beta2", 0.999),
-                              getattr(args, "optimizer_impl", "auto"))
-        objective = build_objective(vars(args))  # the diffusion or a flow (opendit.transport)
-        if getattr(args, "cosine_loss", 0) and space.channels == 1:
-            raise UserError(f"--cosine_loss on {args.dataset} ({space.channels} channel): {ONE_CHANNEL_COSINE}")
-        class_dropout = model.y_embedder.dropout_prob
-
-        # --- resume (weights, EMA, optimizer, counters) or start
-        ckpt_dir = None
-        if resume.load:
-            state, ema, ckpt_dir = restore(resume.load, model, opt, precision, env, shapes, resume.notes)
-            run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
-        else:
-            state, ema = TrainState(), EMA(model)
-        if env.is_main and run_dir is None:
-            run_dir, created = new_run_dir(args.outputs, args.model), True
-        run_dir = distributed.broadcast_object(run_dir, env)
-        log = RunLog(run_dir if env.is_main else None)
-        batch_plan = GlobalBatchPlan(len(dataset), global_batch, rank=env.rank, world_size=env.world_size,
-                                     seed=args.global_seed, shuffle=True, flip=dataset.flip)
-        if state.epoch_offset + global_batch > len(dataset):  # the saved position was the end of an epoch
-            state.next_epoch()
-        total_steps = min(args.max_steps or args.epochs * batch_plan.steps_per_epoch,
-                          args.epochs * batch_plan.steps_per_epoch)
-        branch, moved = record_session(env, run_dir, created, ckpt_dir, state, resume, command,
-                                       config=run_config(args, space, dataset, env.world_size, global_batch, objective))
-        describe_run(args, env, log, model, space, dataset, batch_plan, global_batch, precision, run_dir, objective,
-                     alignment)
-        describe_session(env, log, run_dir, ckpt_dir, state, resume, branch, moved)
-        if ckpt_dir and (note := schedule_tail_note(args, state.global_step, total_steps)):
-            log.info(note)
-
-        evaluator = fid_evaluator(args, dataset, run_dir, env)
-        bad = BadImages(args.on_bad_image, env, log, earlier=state.bad_images)
-        progress = Progress(args, env, log, run_dir, model, opt, global_batch, total_steps, state)
-
-        def save() -> None:
-            progress.settle(state)  # the counters of every step so far (a device-guarded step is read one step late)
-            save_checkpoint(model, ema, opt, state, precision, bad, env, args, run_dir, ckpt_dir, global_batch, log)
-
-        def ema_model():  # a fresh plain model holding the EMA weights, on rank 0 (collective)
-            ema_state = ema.state_dict(env)
-            return sampling_model(model, options, ema_state, env) if env.is_main else None
-
-        # --- the loop: each step draws its randomness from (seed, step), takes one optimizer step (or skips a bad
-        # one on every rank), logs, checkpoints and evaluates on schedule
-        train_model.train()
-        sl = slice(env.rank * args.batch_size, (env.rank + 1) * args.batch_size)
-        shape = (space.channels, *space.input_size)
-        vae_shape = shape if space.latent else None  # the posterior noise has the latents' shape
-        gen = torch.Generator(device=env.device)
+        resume = plan_resume(cfg, given, env)
+        validate(cfg, given)
+        run = Run(cfg, env, Precision(cfg.machine.mixed_precision, env.device), ModelOptions.from_config(cfg.machine),
+                  cfg.optim.batch_size * env.world_size)
+        build(run, resume)
+        open_session(run, resume, command)
+        bad = BadImages(cfg.data.on_bad_image, env, run.log, earlier=run.state.bad_images)
+        progress = Progress(cfg, env, run.log, run.run_dir, run.model, run.opt, run.global_batch, run.total_steps,
+                            run.state)
         stop.install()
-        stopped = False
-        while state.global_step < total_steps and not stopped:
-            for x, y, problems, stored in plan_batches(dataset, batch_plan, state.epoch, state.epoch_offset,
-                                                       args.num_workers, pin_memory=env.device.type == "cuda",
-                                                       features=bool(alignment and alignment.stored)):
-                if problems:
-                    bad.note(problems, y, state.global_step + 1)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                gen.manual_seed(step_seed(args.global_seed, state.global_step))
-                draws = draw_step_randomness(gen, objective, global_batch, sl, shape, vae_shape, class_dropout,
-                                             env.device)
-                # REPA: the encoders' features of the clean images (or those stored with the latents), on the device
-                features = alignment.features(x, stored, precision, env.device) if alignment else None
-                if space.latent:
-                    x = space.codec.encode(x, draws.vae_eps)
-                batch = StepBatch(x, y, draws.t, draws.drop if class_dropout > 0 else None, draws.noise, features)
-                lr = learning_rate(state.global_step, lr=args.lr, schedule=args.lr_schedule,
-                                   warmup=args.warmup_steps, total=total_steps)
-                result = train_step(train_model, model, opt, objective, batch, lr=lr, grad_clip=args.grad_clip,
-                                    precision=precision, ema=ema, ema_decay=args.ema_decay, env=env, stop=stop,
-                                    aux_losses=(alignment.loss,) if alignment else (),
-                                    step_number=state.global_step + 1)
-                progress.record(result, state)  # a device-guarded step's flags: read at the next step
-                state.advance(global_batch)
-                if state.global_step % args.log_every == 0 or state.global_step == total_steps or progress.stop:
-                    progress.report(state, lr, bad.total())
-                if progress.stop:
-                    stopped = True
-                    log.info(f"stop requested ({stop.name or 'a signal on another rank'}) at step {state.global_step}: "
-                             f"writing a checkpoint, then exiting")
-                    break
-                if state.global_step % args.ckpt_every == 0 and state.global_step < total_steps:
-                    save()
-                if args.eval_every and state.global_step % args.eval_every == 0:
-                    evaluate_fid(evaluator, ema_model(), space, state.global_step, dataset.num_classes, precision,
-                                 args, env, log, objective)
-                    train_model.train()
-                if state.global_step >= total_steps:
-                    break
-            else:  # the epoch ran out
-                state.next_epoch()
-        progress.settle(state)
+        stopped = train_loop(run, progress, bad, stop)
+        progress.settle(run.state)
         progress.close()
-        save()
+        save_checkpoint(run, bad)
         if stopped:
-            log.info(f"stopped cleanly at step {state.global_step}; resume with --load {run_dir} (or --load auto)")
+            run.log.info(f"stopped cleanly at step {run.state.global_step}; resume with --load {run.run_dir} (or "
+                         f"--load auto)")
             return stop.exit_code
-
-        if args.final_samples > 0:
-            write_final_grid(ema_model(), space, dataset, precision, args, env, run_dir, log, objective)
+        if cfg.evaluation.final_samples > 0:
+            write_final_grid(run)
         distributed.barrier(env)
         return 0
     except (UserError, AttentionBackendError) as e:
-        if created and run_dir and not ckpt.list_checkpoints(run_dir):
-            log.close()
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if run is not None and run.created and run.run_dir and not ckpt.list_checkpoints(run.run_dir):
+            run.log.close()
+            shutil.rmtree(run.run_dir, ignore_errors=True)
         if isinstance(e, UserError):
             raise
         raise UserError(str(e)) from None
     finally:
         stop.restore()
-        log.close()
+        if run is not None and run.log is not None:
+            run.log.close()
+
+
+def build(run: Run, resume) -> None:
+    """Data and the space the model works in (pixels or a VAE's latents); the model, REPA's parts on it, parallelism,
+    the optimizer and the objective."""
+    cfg, env = run.cfg, run.env
+    run.dataset, run.space = load_data(cfg, run.global_batch, env.device, resume)
+    check_patch(run.space, cfg.model.model, model_config(cfg.model.model)["patch_size"])
+    check_model_options(run.options, env.device, run.precision)
+    run.model = build_model(model_settings(cfg, run.space, run.dataset.num_classes), cfg.optim.global_seed, env.device)
+    run.alignment = setup_alignment(cfg, run.model, run.dataset, env.device)  # REPA: encoders, projectors on the model
+    run.shapes = {k: tuple(v.shape) for k, v in run.model.state_dict().items()}
+    run.train_model = parallelize_dit(run.model, run.options, env, run.precision)  # zero2 / fsdp: sharded in place
+    run.opt = build_optimizer(run.model, cfg.optim.lr, env.device, cfg.optim.adam_beta2, cfg.optim.optimizer_impl)
+    run.objective = build_objective(dataclasses.asdict(cfg.objective))  # the diffusion or a flow
+    if cfg.objective.cosine_loss and run.space.channels == 1:
+        raise UserError(f"--cosine_loss on {cfg.data.dataset} ({run.space.channels} channel): {ONE_CHANNEL_COSINE}")
+
+
+def open_session(run: Run, resume, command) -> None:
+    """Resume (weights, EMA, optimizer, counters) or start; the run directory, its config.json, history and log."""
+    cfg, env = run.cfg, run.env
+    if resume.load:
+        run.state, run.ema, run.ckpt_dir = restore(resume.load, run.model, run.opt, run.precision, env, run.shapes,
+                                                   resume.notes)
+        run.run_dir = os.path.dirname(os.path.abspath(run.ckpt_dir))
+    else:
+        run.state, run.ema = TrainState(), EMA(run.model)
+    if env.is_main and run.run_dir is None:
+        run.run_dir, run.created = new_run_dir(cfg.schedule.outputs, cfg.model.model), True
+    run.run_dir = distributed.broadcast_object(run.run_dir, env)
+    run.log = RunLog(run.run_dir if env.is_main else None)
+    run.batch_plan = GlobalBatchPlan(len(run.dataset), run.global_batch, rank=env.rank, world_size=env.world_size,
+                                     seed=cfg.optim.global_seed, shuffle=True, flip=run.dataset.flip)
+    if run.state.epoch_offset + run.global_batch > len(run.dataset):  # the saved position was the end of an epoch
+        run.state.next_epoch()
+    epochs_steps = cfg.optim.epochs * run.batch_plan.steps_per_epoch
+    run.total_steps = min(cfg.optim.max_steps or epochs_steps, epochs_steps)
+    branch, moved = record_session(env, run.run_dir, run.created, run.ckpt_dir, run.state, resume, command,
+                                   config=run_config(run))
+    describe_run(run)
+    describe_session(env, run.log, run.run_dir, run.ckpt_dir, run.state, resume, branch, moved)
+    if run.ckpt_dir and (note := schedule_tail_note(cfg.optim, run.state.global_step, run.total_steps)):
+        run.log.info(note)
+
+
+def train_loop(run: Run, progress: "Progress", bad: BadImages, stop: StopRequest) -> bool:
+    """Until the last step or a stop (returns whether a stop ended it): each step draws its randomness from (seed,
+    step), takes one optimizer step (or skips a bad one on every rank), logs, checkpoints and evaluates on
+    schedule."""
+    cfg, env, state, space, alignment = run.cfg, run.env, run.state, run.space, run.alignment
+    evaluator = fid_evaluator(cfg, run.dataset, run.run_dir, env)
+    class_dropout = run.model.y_embedder.dropout_prob
+    sl = slice(env.rank * cfg.optim.batch_size, (env.rank + 1) * cfg.optim.batch_size)
+    shape = (space.channels, *space.input_size)
+    vae_shape = shape if space.latent else None  # the posterior noise has the latents' shape
+    gen = torch.Generator(device=env.device)
+    run.train_model.train()
+    while state.global_step < run.total_steps:
+        for x, y, problems, stored in plan_batches(run.dataset, run.batch_plan, state.epoch, state.epoch_offset,
+                                                   cfg.data.num_workers, pin_memory=env.device.type == "cuda",
+                                                   features=bool(alignment and alignment.stored)):
+            if problems:
+                bad.note(problems, y, state.global_step + 1)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            gen.manual_seed(step_seed(cfg.optim.global_seed, state.global_step))
+            draws = draw_step_randomness(gen, run.objective, run.global_batch, sl, shape, vae_shape, class_dropout,
+                                         env.device)
+            # REPA: the encoders' features of the clean images (or those stored with the latents), on the device
+            features = alignment.features(x, stored, run.precision, env.device) if alignment else None
+            if space.latent:
+                x = space.codec.encode(x, draws.vae_eps)
+            batch = StepBatch(x, y, draws.t, draws.drop if class_dropout > 0 else None, draws.noise, features)
+            lr = learning_rate(state.global_step, lr=cfg.optim.lr, schedule=cfg.optim.lr_schedule,
+                               warmup=cfg.optim.warmup_steps, total=run.total_steps)
+            result = train_step(run.train_model, run.model, run.opt, run.objective, batch, lr=lr,
+                                grad_clip=cfg.optim.grad_clip, precision=run.precision, ema=run.ema,
+                                ema_decay=cfg.optim.ema_decay, env=env, stop=stop,
+                                aux_losses=(alignment.loss,) if alignment else (), step_number=state.global_step + 1)
+            progress.record(result, state)  # a device-guarded step's flags: read at the next step
+            state.advance(run.global_batch)
+            step = state.global_step
+            if step % cfg.schedule.log_every == 0 or step == run.total_steps or progress.stop:
+                progress.report(state, lr, bad.total())
+            if progress.stop:
+                run.log.info(f"stop requested ({stop.name or 'a signal on another rank'}) at step {step}: writing a "
+                             f"checkpoint, then exiting")
+                return True
+            if step % cfg.schedule.ckpt_every == 0 and step < run.total_steps:
+                progress.settle(state)  # the counters of every step so far (a device-guarded step is read late)
+                save_checkpoint(run, bad)
+            if cfg.evaluation.eval_every and step % cfg.evaluation.eval_every == 0:
+                evaluate_fid(evaluator, run, step)
+                run.train_model.train()
+            if step >= run.total_steps:
+                break
+        else:  # the epoch ran out
+            state.next_epoch()
+    return False
 
 
 # ----------------------------------------------------------------------------- setting up
 
-def validate(args, given: set[str] | None = None) -> None:
-    if args.model not in DiT_models:
-        raise UserError(unknown_model(args.model))
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, imagefolder, digits or latents")
-    if os.path.exists(args.outputs) and not os.path.isdir(args.outputs):
-        raise UserError(f"--outputs {args.outputs} is a file, not a directory")
-    if getattr(args, "objective", "diffusion") != "flow" and given is not None:
-        if flow_only := [k for k in FLOW_SETTINGS if k in given]:
+def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
+    if cfg.model.model not in MODEL_NAMES:
+        raise UserError(unknown_model(cfg.model.model))
+    if cfg.data.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {cfg.data.dataset!r}; choose cifar10, imagefolder, digits or latents")
+    if os.path.exists(cfg.schedule.outputs) and not os.path.isdir(cfg.schedule.outputs):
+        raise UserError(f"--outputs {cfg.schedule.outputs} is a file, not a directory")
+    if cfg.objective.objective != "flow" and given is not None:
+        if flow_only := [k for k in ObjectiveSettings.FLOW_ONLY if k in given]:
             raise UserError(f"--{flow_only[0]} is a setting of the flow objective; add --objective flow (the run's "
-                            f"objective is {getattr(args, 'objective', 'diffusion')})")
-    check_alignment_flags(args, given)
-    cfg = model_config(args.model)
-    if problem := block_options_problem(block_options(args), cfg["hidden_size"], cfg["num_heads"],
-                                        ModelOptions.from_flags(args).norm):
-        raise UserError(problem)
-    if given is not None and "latent_multiplier" in given and not getattr(args, "latent_norm", False):
+                            f"objective is {cfg.objective.objective})")
+    check_alignment_settings(cfg.alignment, given)
+    mc = model_config(cfg.model.model)
+    if problem := block_options_problem(cfg.model.block_options, mc["hidden_size"], mc["num_heads"]):
+        raise UserError(re.sub(r"\b((?:use|wo)_\w+)", r"--\1", problem))  # the options by their flags
+    if cfg.model.use_rmsnorm and ModelOptions.from_config(cfg.machine).norm != "torch":
+        raise UserError("--enable_layernorm_kernel / --enable_modulate_kernel are Triton LayerNorm kernels; with "
+                        "--use_rmsnorm use --compile instead (Inductor fuses RMSNorm with the modulation)")
+    if given is not None and "latent_multiplier" in given and not cfg.data.latent_norm:
         raise UserError("--latent_multiplier scales the normalized latents; add --latent_norm")
-    if given is not None and getattr(args, "time_sampling", None) != "logit_normal":
+    if given is not None and cfg.objective.time_sampling != "logit_normal":
         if unused := [k for k in ("time_mean", "time_std") if k in given]:
             raise UserError(f"--{unused[0]} sets the logit-normal t; add --time_sampling logit_normal")
 
 
-def load_data(args, global_batch: int, device, resume) -> tuple[object, Space]:
+def load_data(cfg: TrainConfig, global_batch: int, device, resume) -> tuple[object, Space]:
     """The training set and the space its images become the model's input in."""
-    if args.dataset == "latents":  # precomputed: the size and VAE are the extraction's
-        dataset = LatentDataset(args.data_path)
-        if args.image_size is not None and args.image_size != dataset.image_size:
-            raise UserError(f"--image_size {args.image_size}: the latents in {args.data_path} were extracted at "
+    if cfg.data.dataset == "latents":  # precomputed: the size and VAE are the extraction's
+        dataset = LatentDataset(cfg.data.data_path)
+        if cfg.data.image_size is not None and cfg.data.image_size != dataset.image_size:
+            raise UserError(f"--image_size {cfg.data.image_size}: the latents in {cfg.data.data_path} were extracted at "
                             f"{dataset.image_size} px")
         image_size = dataset.image_size
     else:
-        image_size = args.image_size or default_image_size(args.dataset)
-        dataset = build_dataset(args.dataset, args.data_path, image_size)
-    if args.num_classes is not None and args.num_classes != dataset.num_classes:
-        raise UserError(f"--num_classes {args.num_classes} contradicts the dataset, which has {dataset.num_classes} classes")
+        image_size = cfg.data.image_size or default_image_size(cfg.data.dataset)
+        dataset = build_dataset(cfg.data.dataset, cfg.data.data_path, image_size)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != dataset.num_classes:
+        raise UserError(f"--num_classes {cfg.data.num_classes} contradicts the dataset, which has {dataset.num_classes} classes")
     if len(dataset) < global_batch:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch ({global_batch})")
-    latents = dataset if args.dataset == "latents" else None
-    space = training_space(args.vae, image_size, dataset.channels, device, saved=resume.saved,
+    latents = dataset if cfg.data.dataset == "latents" else None
+    space = training_space(cfg.data.vae, image_size, dataset.channels, device, saved=resume.saved,
                            run_dir=resume.run_dir, latents=latents,
-                           norm_multiplier=args.latent_multiplier if getattr(args, "latent_norm", False) else None)
+                           norm_multiplier=cfg.data.latent_multiplier if cfg.data.latent_norm else None)
     return dataset, space
 
 
-def block_options(args) -> dict:
-    """The model's block options (``--use_rmsnorm`` ...; absent: off)."""
-    return {k: bool(getattr(args, k, False)) for k in BLOCK_OPTIONS}
+def model_settings(cfg: TrainConfig, space: Space, num_classes: int) -> DiTConfig:
+    """The DiTConfig of a run: the registry name's structure, the space's input grid and channels, the data set's
+    classes, the block options."""
+    return DiTConfig.from_name(cfg.model.model, input_size=space.input_size, in_channels=space.channels,
+                               num_classes=num_classes, **cfg.model.block_options)
 
 
-def build_model(name: str, space: Space, num_classes: int, seed: int, device, options: dict | None = None):
+def build_model(config: DiTConfig, seed: int, device) -> DiT:
     """The plain DiT of a run, initialized from ``seed`` (identical initial weights on every rank)."""
     torch.manual_seed(seed)
-    model = DiT_models[name](input_size=space.input_size[0], in_channels=space.channels, num_classes=num_classes,
-                             **(options or {}))
-    return model.to(device)
+    return DiT(config).to(device)
 
 
-def sampling_model(trained, options: ModelOptions, state: dict, env):
-    """A plain eval-mode DiT of the trained model's build holding ``state`` (the EMA weights), with the run's
+def sampling_model(trained: DiT, options: ModelOptions, state: dict, env) -> DiT:
+    """A plain eval-mode DiT of the trained model's config holding ``state`` (the EMA weights), with the run's
     attention backend."""
-    m = DiT(input_size=trained.input_size, patch_size=trained.patch_size, in_channels=trained.in_channels,
-            hidden_size=trained.hidden_size, depth=len(trained.blocks), num_heads=trained.num_heads,
-            mlp_ratio=trained.mlp_ratio, class_dropout_prob=trained.y_embedder.dropout_prob,
-            num_classes=trained.num_classes, learn_sigma=trained.learn_sigma, **trained.options)
-    m = m.to(env.device).eval().set_attention_impl(options.attention)
+    m = DiT(trained.config).to(env.device).eval().set_attention_impl(options.attention)
     m.load_state_dict(state)
     return m
 
 
-def run_config(args, space: Space, dataset, world_size: int, global_batch: int, objective) -> dict:
-    """config.json: the settings the run was started with (never rewritten), the objective's resolved."""
-    return dict(vars(args), image_size=space.image_size, num_classes=dataset.num_classes, input_size=space.input_size[0],
-                in_channels=space.channels, vae_resolved=space.vae_name, world_size=world_size,
-                global_batch=global_batch, class_names=list(dataset.class_names), **objective_settings(objective),
-                latent_stats=space.latent_norm.record() if space.latent_norm is not None else None)
+def run_config(run: Run) -> dict:
+    """config.json: the settings the run was started with (never rewritten; flat, by flag name), resolved: the image
+    size, classes, VAE and objective the run has, and its model's DiTConfig."""
+    space, dataset = run.space, run.dataset
+    return dict(run.cfg.flat(), image_size=space.image_size, num_classes=dataset.num_classes,
+                input_size=space.input_size[0], in_channels=space.channels, vae_resolved=space.vae_name,
+                world_size=run.env.world_size, global_batch=run.global_batch, class_names=list(dataset.class_names),
+                **run.objective.record(),
+                latent_stats=space.latent_norm.record() if space.latent_norm is not None else None,
+                dit=run.model.config.to_dict())
 
 
 def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state: TrainState, resume, command, *,
@@ -284,21 +326,21 @@ def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state
     return branch, moved
 
 
-def describe_run(args, env, log, model, space: Space, dataset, batch_plan, global_batch: int, precision, run_dir,
-                 objective, alignment=None):
+def describe_run(run: Run) -> None:
+    cfg, env, model, log = run.cfg, run.env, run.model, run.log
     n_params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith(NOT_AVERAGED))
-    flops = dit_train_flops_per_image(**model_cost_config(model))
+    flops = dit_train_flops_per_image(model.config)
     blocks = [k for k, on in model.options.items() if on]
-    log.info(f"{args.model}{' (' + ', '.join(blocks) + ')' if blocks else ''}: {n_params / 1e6:.2f}M trainable "
+    log.info(f"{cfg.model.model}{' (' + ', '.join(blocks) + ')' if blocks else ''}: {n_params / 1e6:.2f}M trainable "
              f"parameters, {flops / 1e9:.2f} GFLOP per image per step; "
-             f"{space.describe()}; {args.dataset}: {len(dataset)} images, {dataset.num_classes} classes; global batch "
-             f"{global_batch} ({env.world_size} x {args.batch_size}), {batch_plan.steps_per_epoch} steps/epoch; "
-             f"{args.mixed_precision} on {env.device}, plugin {args.plugin}; objective {describe_objective(objective)}; "
-             f"run dir {run_dir}")
-    if alignment is not None:
-        n_proj = sum(p.numel() for p in alignment.loss.projectors.parameters())
-        log.info(f"{alignment.describe()}; projector(s) {n_proj / 1e6:.2f}M parameters (trained, not sampled)")
-    if (w := precision.warning()) and env.is_main:
+             f"{run.space.describe()}; {cfg.data.dataset}: {len(run.dataset)} images, {run.dataset.num_classes} "
+             f"classes; global batch {run.global_batch} ({env.world_size} x {cfg.optim.batch_size}), "
+             f"{run.batch_plan.steps_per_epoch} steps/epoch; {cfg.machine.mixed_precision} on {env.device}, plugin "
+             f"{cfg.machine.plugin}; objective {run.objective.describe()}; run dir {run.run_dir}")
+    if run.alignment is not None:
+        n_proj = sum(p.numel() for p in run.alignment.loss.projectors.parameters())
+        log.info(f"{run.alignment.describe()}; projector(s) {n_proj / 1e6:.2f}M parameters (trained, not sampled)")
+    if (w := run.precision.warning()) and env.is_main:
         print(f"warning: {w}", file=sys.stderr)
         log.info(f"warning: {w}")
 
@@ -318,19 +360,19 @@ def describe_session(env, log, run_dir: str, ckpt_dir: str | None, state: TrainS
         log.info(f"removed what an interrupted checkpoint write left behind: {', '.join(stale)}")
 
 
-def schedule_tail_note(args, step: int, total: int) -> str | None:
+def schedule_tail_note(optim: OptimSettings, step: int, total: int) -> str | None:
     """A resumed cosine schedule near its end (a finished run extended with a larger --max_steps): what the learning
     rate will be, and how to continue usefully. None when the schedule still has most of its rate."""
-    if args.lr_schedule != "cosine" or step >= total:
+    if optim.lr_schedule != "cosine" or step >= total:
         return None
-    kw = dict(lr=args.lr, schedule="cosine", warmup=args.warmup_steps, total=total)
+    kw = dict(lr=optim.lr, schedule="cosine", warmup=optim.warmup_steps, total=total)
     now, last = learning_rate(step, **kw), learning_rate(total - 1, **kw)
-    if step < args.warmup_steps or now >= 0.05 * args.lr:
+    if step < optim.warmup_steps or now >= 0.05 * optim.lr:
         return None
     return (f"note: the cosine schedule is resumed at step {step} of {total}: the learning rate runs from {now:.2g} "
-            f"down to {last:.2g} (peak {args.lr:g}), which barely trains. To continue usefully, resume with "
-            f"--lr_schedule constant --lr LR (a constant tail; e.g. --lr {0.1 * args.lr:g}), or train a new run with the "
-            f"larger --max_steps (README: Extending a finished run)")
+            f"down to {last:.2g} (peak {optim.lr:g}), which barely trains. To continue usefully, resume with "
+            f"--lr_schedule constant --lr LR (a constant tail; e.g. --lr {0.1 * optim.lr:g}), or train a new run with "
+            f"the larger --max_steps (README: Extending a finished run)")
 
 
 # ----------------------------------------------------------------------------- during the loop
@@ -339,8 +381,9 @@ class Progress:
     """The loop's bookkeeping between log lines: averages of loss and gradient norm over the updates, speed, skipped
     and overflowed steps, what rank 0 holds in memory; and the stop after --max_bad_steps bad steps in a row."""
 
-    def __init__(self, args, env, log, run_dir: str, model, opt, global_batch: int, total_steps: int, state: TrainState):
-        self.args, self.env, self.log, self.run_dir, self.model, self.opt = args, env, log, run_dir, model, opt
+    def __init__(self, cfg: TrainConfig, env, log, run_dir: str, model, opt, global_batch: int, total_steps: int,
+                 state: TrainState):
+        self.cfg, self.env, self.log, self.run_dir, self.model, self.opt = cfg, env, log, run_dir, model, opt
         self.global_batch, self.total_steps = global_batch, total_steps
         self.loss_sum = torch.zeros((), device=env.device)
         self.norm_sum = torch.zeros((), device=env.device)
@@ -379,7 +422,7 @@ class Progress:
             what = "loss" if result.nonfinite_loss else "gradient norm"
             self.log.info(f"warning: step {step}: non-finite {what}; update skipped on every rank "
                           f"({self.bad_in_a_row} in a row, {state.skipped_steps} in all)")
-            if self.args.max_bad_steps and self.bad_in_a_row >= self.args.max_bad_steps:
+            if self.cfg.optim.max_bad_steps and self.bad_in_a_row >= self.cfg.optim.max_bad_steps:
                 last = ckpt.list_checkpoints(self.run_dir)
                 raise TrainingFailed(
                     f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient norm (the last: step "
@@ -406,12 +449,12 @@ class Progress:
                        "optim_bytes": distributed.tensor_bytes(v for st in self.opt.state.values() for v in st.values()
                                                                if torch.is_tensor(v))}
         m = self.memory
-        self.log.info(f"rank 0 holds (plugin {self.args.plugin}, {self.env.world_size} process(es)): parameters "
+        self.log.info(f"rank 0 holds (plugin {self.cfg.machine.plugin}, {self.env.world_size} process(es)): parameters "
                       f"{m['param_bytes'] / 2**20:.1f} MiB, gradients {m['grad_bytes'] / 2**20:.1f} MiB, "
                       f"optimizer state {m['optim_bytes'] / 2**20:.1f} MiB")
         if self.env.is_main:
             with open(os.path.join(self.run_dir, "memory.json"), "w") as f:
-                json.dump(dict(m, plugin=self.args.plugin, world_size=self.env.world_size), f)
+                json.dump(dict(m, plugin=self.cfg.machine.plugin, world_size=self.env.world_size), f)
 
     def report(self, state: TrainState, lr: float, bad_images: int) -> None:
         """A log line and a metrics row: averages since the last one. ``bad_images``: a collective count."""
@@ -445,61 +488,65 @@ class Progress:
         self.bar.close()
 
 
-def save_checkpoint(model, ema: EMA, opt, state: TrainState, precision, bad: BadImages, env, args, run_dir: str,
-                    resumed_from: str | None, global_batch: int, log) -> None:
+def save_checkpoint(run: Run, bad: BadImages) -> None:
     """Gather the whole model, EMA and optimizer states (collectives on every rank); rank 0 writes the checkpoint."""
-    model_state = distributed.full_model_state(model, env)
-    ema_state = ema.state_dict(env)
-    optim_state = distributed.full_optimizer_state(model, opt, env)
+    env, state, log = run.env, run.state, run.log
+    model_state = distributed.full_model_state(run.model, env)
+    ema_state = run.ema.state_dict(env)
+    optim_state = distributed.full_optimizer_state(run.model, run.opt, env)
     n_bad_images = bad.total()
     if env.is_main:
-        state.grad_scaler = precision.scaler.state_dict() if precision.scaler is not None else None
-        rs = state.state_dict(global_batch=global_batch, world_size=env.world_size, global_seed=args.global_seed,
-                              bad_images=n_bad_images)
+        scaler = run.precision.scaler
+        state.grad_scaler = scaler.state_dict() if scaler is not None else None
+        rs = state.state_dict(global_batch=run.global_batch, world_size=env.world_size,
+                              global_seed=run.cfg.optim.global_seed, bad_images=n_bad_images)
+        keep = run.cfg.schedule.ckpt_keep
         path, deleted = ckpt.save_checkpoint(
-            run_dir, ckpt.checkpoint_name(state.epoch, state.global_step), model_state=model_state,
-            ema_state=ema_state, optimizer_state=optim_state, running_states=rs, keep=args.ckpt_keep,
-            protect=(resumed_from,) if resumed_from else ())
-        log.info(f"saved checkpoint {path}" + (f"; deleted {', '.join(deleted)} (--ckpt_keep {args.ckpt_keep})"
-                                              if deleted else ""))
+            run.run_dir, ckpt.checkpoint_name(state.epoch, state.global_step), model_state=model_state,
+            ema_state=ema_state, optimizer_state=optim_state, running_states=rs, keep=keep,
+            protect=(run.ckpt_dir,) if run.ckpt_dir else ())
+        log.info(f"saved checkpoint {path}" + (f"; deleted {', '.join(deleted)} (--ckpt_keep {keep})" if deleted else ""))
     distributed.barrier(env)
 
 
-def fid_evaluator(args, dataset, run_dir: str, env):
+def fid_evaluator(cfg: TrainConfig, dataset, run_dir: str, env):
     """--eval_every: the FID of EMA samples (rank 0 samples and scores; the others wait), or None."""
-    if not args.eval_every:
+    ev = cfg.evaluation
+    if not ev.eval_every:
         return None
     from ..eval.periodic import PeriodicFID
 
-    features = args.eval_features if args.eval_features != "auto" else \
-        ("digits" if args.dataset == "digits" else "inception")
+    features = ev.eval_features if ev.eval_features != "auto" else \
+        ("digits" if cfg.data.dataset == "digits" else "inception")
     return distributed.on_rank0(lambda: PeriodicFID(
-        features=features, inception=args.inception, reference=args.eval_reference, dataset=dataset, run_dir=run_dir,
-        num_samples=args.eval_samples, cfg_scale=args.eval_cfg_scale, seed=args.global_seed, device=env.device), env)
+        features=features, inception=ev.inception, reference=ev.eval_reference, dataset=dataset, run_dir=run_dir,
+        num_samples=ev.eval_samples, cfg_scale=ev.eval_cfg_scale, seed=cfg.optim.global_seed, device=env.device), env)
 
 
-def evaluate_fid(evaluator, model, space: Space, step: int, num_classes: int, precision, args, env, log,
-                 objective) -> None:
-    """``model``: the EMA model on rank 0 (None elsewhere)."""
+def evaluate_fid(evaluator, run: Run, step: int) -> None:
+    """The FID of the EMA model's samples at ``step`` (rank 0 samples and scores; the others wait)."""
+    model, env, ev = run.ema_model(), run.env, run.cfg.evaluation
     if env.is_main:
         t0 = time.perf_counter()
-        fid = evaluator(step, model, space, num_classes=num_classes, device=env.device, precision=precision,
-                        objective=objective)
-        log.metrics(step, {"fid": fid})
-        log.info(f"step {step}: FID {fid:.3f} ({evaluator.name} features, {args.eval_samples} EMA samples, cfg "
-                 f"{args.eval_cfg_scale}; {time.perf_counter() - t0:.1f} s)")
+        fid = evaluator(step, model, run.space, num_classes=run.dataset.num_classes, device=env.device,
+                        precision=run.precision, objective=run.objective)
+        run.log.metrics(step, {"fid": fid})
+        run.log.info(f"step {step}: FID {fid:.3f} ({evaluator.name} features, {ev.eval_samples} EMA samples, cfg "
+                     f"{ev.eval_cfg_scale}; {time.perf_counter() - t0:.1f} s)")
     distributed.barrier(env)
 
 
-def write_final_grid(model, space: Space, dataset, precision, args, env, run_dir: str, log, objective) -> None:
-    """samples.png: --final_samples EMA samples per class (rank 0; ``model`` is None elsewhere)."""
+def write_final_grid(run: Run) -> None:
+    """samples.png: --final_samples EMA samples per class (rank 0)."""
     from ..sampling.generate import describe_settings, quick_sampler
     from ..sampling.grid import write_sample_grid
 
+    model, env, ev = run.ema_model(), run.env, run.cfg.evaluation
     if env.is_main:
-        path = os.path.join(run_dir, "samples.png")
-        write_sample_grid(path, model, space, num_classes=dataset.num_classes, class_names=dataset.class_names,
-                          per_class=args.final_samples, cfg_scale=args.final_cfg_scale, device=env.device,
-                          seed=args.global_seed, precision=precision, objective=objective)
-        sampling = dict(quick_sampler(objective), cfg_scale=args.final_cfg_scale)
-        log.info(f"wrote {args.final_samples} EMA samples per class ({describe_settings(sampling)}) to {path}")
+        path = os.path.join(run.run_dir, "samples.png")
+        write_sample_grid(path, model, run.space, num_classes=run.dataset.num_classes,
+                          class_names=run.dataset.class_names, per_class=ev.final_samples,
+                          cfg_scale=ev.final_cfg_scale, device=env.device, seed=run.cfg.optim.global_seed,
+                          precision=run.precision, objective=run.objective)
+        sampling = dict(quick_sampler(run.objective), cfg_scale=ev.final_cfg_scale)
+        run.log.info(f"wrote {ev.final_samples} EMA samples per class ({describe_settings(sampling)}) to {path}")

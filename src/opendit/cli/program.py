@@ -7,11 +7,19 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-from .distributed import shutdown
-from .errors import RankError, TrainingFailed, UserError
+from ..distributed import shutdown
+from ..errors import RankError, TrainingFailed, UserError, fail
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad command lines reported as one line (`error: ...`) and exit code 2, without the usage dump."""
+
+    def error(self, message):
+        fail(message)
 
 
 def run_main(fn, args) -> int:

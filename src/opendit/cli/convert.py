@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import sys
 
-from .conversion import FORMATS, convert
-from .errors import POSITIVE_INT, ArgumentParser
-from .program import run_main
+from ..conversion import FORMATS, convert
+from ..errors import POSITIVE_INT
+from .program import ArgumentParser, run_main
 
 
 def build_parser() -> ArgumentParser:
@@ -36,7 +36,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_main(convert, build_parser().parse_args(argv))
+    return run_main(lambda args: convert(**vars(args)), build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import faults
-from ..alignment.repa import PREFIX as PROJECTORS
-from ..atomic import atomic_path, fsync_path, write_text_atomic
-from ..errors import UserError, reason
+from . import faults
+from .models import TRAINING_ONLY
+from .atomic import atomic_path, fsync_path, write_text_atomic
+from .errors import UserError, reason
 
 CKPT_RE = re.compile(r"^epoch(\d+)-global_step(\d+)$")
 MODEL_FILE = os.path.join("model", "model.safetensors")
@@ -209,8 +209,8 @@ def save_checkpoint(run_dir: str, name: str, *, model_state: dict, ema_state: di
     with atomic_path(final, tmp=os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")) as tmp:
         os.makedirs(os.path.join(tmp, "model"))
         os.makedirs(os.path.join(tmp, "optimizer"))
-        projector_state = {k: v for k, v in model_state.items() if k.startswith(PROJECTORS)}
-        model_state = {k: v for k, v in model_state.items() if not k.startswith(PROJECTORS)}
+        projector_state = {k: v for k, v in model_state.items() if k.startswith(TRAINING_ONLY)}
+        model_state = {k: v for k, v in model_state.items() if not k.startswith(TRAINING_ONLY)}
         save_file({k: v.detach().float().contiguous().cpu() for k, v in model_state.items()}, os.path.join(tmp, MODEL_FILE))
         if m := CKPT_RE.match(name):
             faults.maybe_kill_in_save(int(m.group(2)))
@@ -374,7 +374,7 @@ def load_state_dict_file(path: str) -> dict:
 
 def release_layout(sd: dict) -> dict:
     """A bare state dict in our layout: REPA's release (projectors inside, time reversed) converted exactly."""
-    from ..published import from_repa_layout, is_repa_layout
+    from .published import from_repa_layout, is_repa_layout
 
     return from_repa_layout(sd) if is_repa_layout(sd) else sd
 
@@ -417,7 +417,7 @@ def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str,
     model/ folder, a checkpoint directory or a run directory (EMA unless ``use_model_weights``); or the name of a
     published checkpoint (``opendit.published``: fetched into the hub cache). REPA's release layout comes back in ours
     (``opendit.published.from_repa_layout``)."""
-    from ..published import PUBLISHED, fetch_published, unknown_name_hint
+    from .published import PUBLISHED, fetch_published, unknown_name_hint
 
     if not os.path.exists(path):
         if path not in PUBLISHED:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import POSITIVE_INT, ArgumentParser, int_flag
-from .multinode import launch
-from .program import run_main
+from ..errors import POSITIVE_INT, int_flag
+from ..multinode import launch
+from .program import ArgumentParser, run_main
 
 
 def build_parser() -> ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_main(launch, build_parser().parse_args(argv))
+    return run_main(lambda args: launch(**vars(args)), build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

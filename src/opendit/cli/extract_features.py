@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import sys
 
-from .data.extraction import DTYPES, extract
-from .errors import NONNEG_INT, POSITIVE_INT, ArgumentParser
-from .program import run_main
+from ..data.extraction import DTYPES, extract
+from ..errors import NONNEG_INT, POSITIVE_INT
+from .program import ArgumentParser, run_main
 
 
 def build_parser() -> ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_main(extract, build_parser().parse_args(argv))
+    return run_main(lambda args: extract(**vars(args)), build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import ArgumentParser, print_or_stop
-from .eval.digits import score_npz
-from .program import run_main
+from ..errors import print_or_stop
+from ..eval.digits import score_npz
+from .program import ArgumentParser, run_main
 
 
 def build_parser() -> ArgumentParser:

@@ -20,32 +20,22 @@ from __future__ import annotations
 
 import sys
 
-from .errors import POSITIVE_INT, POSITIVE_INT_OR_AUTO, ArgumentParser
-from .program import run_main
-from .recipes import parse_with_config
-from .sample import add_model_flags
-from .sampling.folder import sample_all
+from ..config import FolderConfig
+from ..sampling.folder import sample_all
+from .flags import add_settings, parse_config
+from .program import ArgumentParser, run_main
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Sample many images (PNGs + an ADM-format .npz) from a DiT checkpoint, on N processes.")
-    add_model_flags(p, cfg_scale=1.5)
-    p.add_argument("--num_samples", type=POSITIVE_INT, default=50_000)
-    p.add_argument("--per_proc_batch_size", type=POSITIVE_INT_OR_AUTO, default=32,
-                   help="samples per batch and process, or auto: the largest power of two that fits the GPU (measured "
-                        "by two short probe runs; 32 on a CPU). Batch b is seeded from (seed, b): the batch size is "
-                        "part of the samples' settings")
-    p.add_argument("--sample_dir", default=None,
-                   help="PNGs go here, DIR.npz beside it (default: samples/ plus a name made of the settings)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a --sample_dir that holds samples of other settings (once the new ones are complete)")
+    add_settings(p, FolderConfig)
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    return run_main(lambda _: sample_all(parse_with_config(parser, sys.argv[1:] if argv is None else list(argv),
-                                                      section="sample")[0]), None)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_main(lambda _: sample_all(parse_config(FolderConfig, parser, argv, section="sample")[0]), None)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import POSITIVE_INT, ArgumentParser, print_or_stop
-from .eval.scores import run_eval
-from .program import run_main
+from ..errors import POSITIVE_INT, print_or_stop
+from ..eval.scores import run_eval
+from .program import ArgumentParser, run_main
 
 
 def build_parser() -> ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> ArgumentParser:
 
 
 def report(args) -> int:
-    m = run_eval(args)
+    m = run_eval(**vars(args))
     ref = f"{m['num_reference']} images" if m["num_reference"] else "precomputed statistics"
     lines = [f"samples    {args.samples} ({m['num_samples']} images)", f"reference  {args.reference} ({ref})",
              f"features   {m['features']}", f"FID        {m['fid']:.4f}"]

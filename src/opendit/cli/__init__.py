@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from opendit.errors import POSITIVE_INT, ArgumentParser, UserError
-from opendit.program import run_main
+from ..errors import POSITIVE_INT, UserError
+from .program import ArgumentParser, run_main
 
 
 def cmd_models(args) -> int:
@@ -38,14 +38,14 @@ def cmd_models(args) -> int:
 
 # subcommand -> (module with main(argv), help): the scripts under scripts/dit/, by another name
 PROGRAMS = {
-    "train": ("opendit.train", "train a DiT (the flags of scripts/dit/train.py)"),
-    "sample": ("opendit.sample", "a grid of samples from any checkpoint (scripts/dit/sample_dit.py)"),
-    "sample-ddp": ("opendit.sample_ddp", "many samples to PNGs + an ADM .npz (scripts/dit/sample_ddp.py)"),
-    "score-digits": ("opendit.digits_eval", "score generated digits (scripts/dit/score_digits.py)"),
-    "extract-features": ("opendit.extract_features", "VAE posteriors of a data set for --dataset latents"),
-    "eval": ("opendit.evaluate", "FID / IS / KID of samples against a reference (scripts/dit/evaluate.py)"),
-    "convert": ("opendit.convert", "convert weights between opendit, published .pt, .safetensors and diffusers"),
-    "run": ("opendit.launch", "torchrun a script on every host of a hostfile, over ssh"),
+    "train": ("opendit.cli.train", "train a DiT (the flags of scripts/dit/train.py)"),
+    "sample": ("opendit.cli.sample", "a grid of samples from any checkpoint (scripts/dit/sample_dit.py)"),
+    "sample-ddp": ("opendit.cli.sample_ddp", "many samples to PNGs + an ADM .npz (scripts/dit/sample_ddp.py)"),
+    "score-digits": ("opendit.cli.score_digits", "score generated digits (scripts/dit/score_digits.py)"),
+    "extract-features": ("opendit.cli.extract_features", "VAE posteriors of a data set for --dataset latents"),
+    "eval": ("opendit.cli.evaluate", "FID / IS / KID of samples against a reference (scripts/dit/evaluate.py)"),
+    "convert": ("opendit.cli.convert", "convert weights between opendit, published .pt, .safetensors and diffusers"),
+    "run": ("opendit.cli.launch", "torchrun a script on every host of a hostfile, over ssh"),
 }
 
 

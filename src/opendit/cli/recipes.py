@@ -17,13 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .errors import UserError
-
-
-def add_config_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
-                   help="a TOML recipe file setting any of these flags (keys without dashes); the command line "
-                        "overrides it (see recipes/)")
+from ..errors import UserError
 
 
 def read_toml(path: str) -> dict:
