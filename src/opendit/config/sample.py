@@ -137,24 +137,26 @@ class FolderOutput:
 
 
 @dataclass
-class GridConfig(Config):
-    """sample_dit.py: a labelled grid."""
+class SamplingConfig(Config):
+    """What both sampling programs are told: the checkpoint, the sampler, guidance, cached steps, the machine."""
 
     checkpoint: CheckpointSettings = section(CheckpointSettings, "checkpoint")
     sampler: SamplerSettings = section(SamplerSettings, "sampler")
     guidance: GuidanceSettings = section(GuidanceSettings, "guidance")
     cache: CacheSettingsSection = section(CacheSettingsSection, "cached steps")
     machine: SamplingMachineSettings = section(SamplingMachineSettings, "machine")
+
+
+@dataclass
+class GridConfig(SamplingConfig):
+    """sample_dit.py: a labelled grid."""
+
     output: GridOutput = section(GridOutput, "output")
 
 
 @dataclass
-class FolderConfig(Config):
-    """sample_ddp.py: a sample folder and its .npz."""
+class FolderConfig(SamplingConfig):
+    """sample_ddp.py: a sample folder and its .npz (guidance 1.5 by default)."""
 
-    checkpoint: CheckpointSettings = section(CheckpointSettings, "checkpoint")
-    sampler: SamplerSettings = section(SamplerSettings, "sampler")
     guidance: FolderGuidanceSettings = section(FolderGuidanceSettings, "guidance")
-    cache: CacheSettingsSection = section(CacheSettingsSection, "cached steps")
-    machine: SamplingMachineSettings = section(SamplingMachineSettings, "machine")
     output: FolderOutput = section(FolderOutput, "output")
