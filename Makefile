@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo demo-flow demo-repa demo-lightning score-demo time-to-quality clean
+.PHONY: install test test-fast demo demo-flow demo-repa demo-lightning demo-meanflow score-demo time-to-quality clean
 
 install: $(STAMP)
 
@@ -48,6 +48,15 @@ demo-flow demo-repa demo-lightning: demo-%: $(STAMP)
 	  $(PY) scripts/dit/sample_ddp.py --config recipes/digits-$*.toml --ckpt $$run --cfg_scale $$cfg \
 	    --sample_dir $$run/eval/heun11-cfg$$cfg; \
 	  $(PY) scripts/dit/score_digits.py $$run/eval/heun11-cfg$$cfg.npz | head -n 1; done
+
+# The same budget trained as MeanFlow (recipes/digits-meanflow.toml): one network evaluation per sample (and two),
+# guidance trained in (sampled at cfg 1), scored the same way.
+demo-meanflow: $(STAMP)
+	$(PY) scripts/dit/train.py --config recipes/digits-meanflow.toml
+	@run=$$(ls -d outputs/demo-meanflow/*-DiT-N-2 | tail -n 1); set -e; for steps in 1 2; do \
+	  $(PY) scripts/dit/sample_ddp.py --config recipes/digits-meanflow.toml --ckpt $$run --num_sampling_steps $$steps \
+	    --sample_dir $$run/eval/meanflow$$steps; \
+	  $(PY) scripts/dit/score_digits.py $$run/eval/meanflow$$steps.npz | head -n 1; done
 
 # Every recipe on the demo's budget, scored every 250 steps: the table in BENCHMARKS.md, docs/time_to_quality.png.
 time-to-quality: $(STAMP)

@@ -25,6 +25,8 @@ RESUME = {
     # objective
     "objective": RUN, "path_type": RUN, "prediction": RUN, "loss_weight": RUN, "train_eps": RUN, "sample_eps": RUN,
     "time_sampling": RUN, "time_mean": RUN, "time_std": RUN, "cosine_loss": RUN,
+    "p_mean": RUN, "p_std": RUN, "data_proportion": RUN, "omega": RUN, "kappa": RUN, "t_start": RUN, "t_end": RUN,
+    "norm_p": RUN, "norm_eps": RUN,
     # optimization (the per-process batch: through the global batch, which defines the run)
     "batch_size": RUN, "global_seed": RUN, "epochs": CHANGE, "max_steps": CHANGE, "lr": CHANGE,
     "lr_schedule": CHANGE, "warmup_steps": CHANGE, "adam_beta2": RUN, "optimizer_impl": MACHINE, "grad_clip": CHANGE,

@@ -341,10 +341,26 @@ def test_digits_flow_recipes_are_heun_on_11_points(name):
     close(generate(m, y, z, **settings), heun_grid(m, z, y, 11, 1.5))
 
 
+@pytest.mark.parametrize("name", ["meanflow-xl-2-imagenet256.toml", "digits-meanflow.toml"])
+def test_meanflow_recipes_are_the_released_settings_sampled_in_one_call_at_guidance_1(name):
+    """The released configs/default.py method settings (Gsunshine/meanflow), its 1-step sampler, guidance 1; the
+    sampler is the grid formula x_1 = x_0 + u(x_0, 0, 1) (tests/test_meanflow.py)."""
+    settings, cfg, objective = recipe(name)
+    assert objective.record() == {"objective": "meanflow", "p_mean": -0.4, "p_std": 1.0, "data_proportion": 0.75,
+                                  "omega": 1.0, "kappa": 0.5, "t_start": 0.0, "t_end": 1.0, "norm_p": 1.0,
+                                  "norm_eps": 0.01}
+    assert (settings["sampler"], settings["steps"], settings["cfg_scale"]) == ("meanflow", 1, 1.0)
+    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10,
+            learn_sigma=False, mean_flow=True).eval()
+    y, z = torch.tensor([1, 7]), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    want = z + m(z, torch.zeros(2), y, r=torch.ones(2))
+    close(generate(m, y, z, **settings), want)
+
+
 def test_every_shipped_recipe_has_a_pinned_sampler():
     pinned = {"dit-xl-2-imagenet256.toml", "sit-xl-2-imagenet256.toml", "repa-sit-xl-2-imagenet256.toml",
               "lightningdit-xl-1-imagenet256.toml", "digits-demo.toml", "digits-flow.toml", "digits-repa.toml",
-              "digits-lightning.toml"}
+              "digits-lightning.toml", "meanflow-xl-2-imagenet256.toml", "digits-meanflow.toml"}
     assert set(os.listdir(os.path.join(REPO, "recipes"))) == pinned
 
 

@@ -17,7 +17,7 @@ def dit_forward_macs(config: DiTConfig) -> int:
     hidden_mlp = int(D * config.mlp_ratio)
     mlp = 3 * D * int(2 / 3 * hidden_mlp) if config.use_swiglu else 2 * D * hidden_mlp
     per_block = T * (3 * D * D + D * D + mlp) + 2 * T * T * D + (4 if config.wo_shift else 6) * D * D  # linears, attn, adaLN
-    embed = T * D * config.in_channels * p**2 + 256 * D + D * D
+    embed = T * D * config.in_channels * p**2 + (256 * D + D * D) * (2 if config.mean_flow else 1)  # + h_embedder
     final = T * D * p**2 * config.out_channels + 2 * D * D
     return config.depth * per_block + embed + final
 

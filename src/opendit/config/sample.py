@@ -48,8 +48,9 @@ class CheckpointSettings:
 class SamplerSettings:
     sampler: str = setting("auto", "auto: ddpm for a diffusion model, ode for a flow; ddpm, ddim, dpm-solver++ "
                                    "(diffusion); ode, sde (flow)", choices=["auto", *SAMPLERS])
-    num_sampling_steps: int = setting(250, "diffusion: steps; flow: points of the time grid (ode euler/heun: N - 1 "
-                                           "steps; sde: N - 1 steps + the last step)", type=int_flag(1, 1000))
+    num_sampling_steps: int | None = setting(
+        None, "diffusion: steps; flow: points of the time grid (ode euler/heun: N - 1 steps; sde: N - 1 steps + the "
+              "last step); meanflow: network calls (default: 250; meanflow 1)", type=int_flag(1, 1000))
     seed: int = setting(0, "", type=SEED)
     clip_denoised: str = setting("auto", "clamp the x0 prediction to [-1, 1]; auto: yes in pixel space, no in latent "
                                          "space (as published)", choices=["auto", "yes", "no"])
@@ -77,7 +78,10 @@ class SamplerSettings:
 
 @dataclass
 class GuidanceSettings:
-    cfg_scale: float = setting(4.0, "classifier-free guidance scale (1 = none)", type=NONNEG_FLOAT)
+    DEFAULT_SCALE = 4.0  # --cfg_scale not given (a model with guidance trained in: 1)
+
+    cfg_scale: float | None = setting(None, "classifier-free guidance scale (1 = none; default 4.0, or 1 for a model "
+                                            "with guidance trained in)", type=NONNEG_FLOAT)
     guidance_channels: int | None = setting(None, "guide only the first N epsilon channels (3 = the published "
                                                   "sampler)", type=POSITIVE_INT)
     cfg_interval: list | None = setting(
@@ -91,7 +95,10 @@ class GuidanceSettings:
 
 @dataclass
 class FolderGuidanceSettings(GuidanceSettings):
-    cfg_scale: float = setting(1.5, "classifier-free guidance scale (1 = none)", type=NONNEG_FLOAT)
+    DEFAULT_SCALE = 1.5
+
+    cfg_scale: float | None = setting(None, "classifier-free guidance scale (1 = none; default 1.5, or 1 for a model "
+                                            "with guidance trained in)", type=NONNEG_FLOAT)
 
 
 @dataclass

@@ -64,7 +64,8 @@ class DataSettings:
 class ObjectiveSettings:
     objective: str = setting(
         "diffusion", "diffusion: the DiT recipe (DDPM, epsilon + learned variance); flow: flow matching on an "
-                     "interpolation path (SiT), time from noise (0) to data (1)", choices=OBJECTIVES, resume=RUN)
+                     "interpolation path (SiT), time from noise (0) to data (1); meanflow: MeanFlow, 1-2 step "
+                     "sampling (the average velocity over [t, r])", choices=OBJECTIVES, resume=RUN)
     path_type: str = setting("Linear", "flow: the interpolation path", choices=list(PATHS), resume=RUN)
     prediction: str = setting("velocity", "flow: what the model predicts", choices=list(PREDICTIONS), resume=RUN)
     loss_weight: str | None = setting(None, "flow: weighting of noise/score losses",
@@ -80,8 +81,27 @@ class ObjectiveSettings:
     cosine_loss: float = setting(0.0, "flow: add LightningDiT's cosine velocity loss 1 - cos(v_pred, u_t) with this "
                                       "weight (alone: 1.0)", type=NONNEG_FLOAT, nargs="?", const=1.0, resume=RUN)
 
+    # MeanFlow (--objective meanflow): the released code's names and defaults; p_mean, p_std, t_start and t_end are on
+    # its time axis (t = 1 noise)
+    p_mean: float = setting(-0.4, "meanflow: t and r are sigmoid(N(p_mean, p_std)) on the released axis (t = 1 noise)",
+                            type=float_flag(), resume=RUN)
+    p_std: float = setting(1.0, "meanflow: see --p_mean", type=POSITIVE_FLOAT, resume=RUN)
+    data_proportion: float = setting(0.75, "meanflow: the fraction of each batch with r = t (plain flow matching)",
+                                     type=UNIT_FLOAT, resume=RUN)
+    omega: float = setting(1.0, "meanflow: guidance trained in, the velocity's weight: omega v + (1 - omega - kappa) "
+                                "v_uncond + kappa v_cond (omega 1, kappa 0: none)", type=NONNEG_FLOAT, resume=RUN)
+    kappa: float = setting(0.5, "meanflow: the conditional prediction's weight in that mix", type=NONNEG_FLOAT,
+                           resume=RUN)
+    t_start: float = setting(0.0, "meanflow: guidance trained in for t in [t_start, t_end] (released axis)",
+                             type=UNIT_FLOAT, resume=RUN)
+    t_end: float = setting(1.0, "meanflow: see --t_start", type=UNIT_FLOAT, resume=RUN)
+    norm_p: float = setting(1.0, "meanflow: adaptive loss weight 1 / (loss + norm_eps)^norm_p", type=NONNEG_FLOAT,
+                            resume=RUN)
+    norm_eps: float = setting(0.01, "meanflow: see --norm_p", type=POSITIVE_FLOAT, resume=RUN)
+
     FLOW_ONLY = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps", "time_sampling", "time_mean",
                  "time_std", "cosine_loss")
+    MEANFLOW_ONLY = ("p_mean", "p_std", "data_proportion", "omega", "kappa", "t_start", "t_end", "norm_p", "norm_eps")
 
 
 @dataclass

@@ -96,10 +96,12 @@ class DiTConfig:
     use_qknorm: bool = False
     wo_shift: bool = False
     wo_pos_embed: bool = False
+    # MeanFlow: the network also takes the interval's end r (embedded as h = r - t by ``h_embedder``)
+    mean_flow: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "input_size", _pair(self.input_size))
-        for name in BLOCK_OPTIONS + ("learn_sigma",):
+        for name in BLOCK_OPTIONS + ("learn_sigma", "mean_flow"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
@@ -162,7 +164,7 @@ class DiTConfig:
             input_size = (side * d["patch_size"],) * 2
         return cls(input_size=input_size, patch_size=d["patch_size"], in_channels=d["in_channels"],
                    hidden_size=d["hidden_size"], depth=d["depth"], num_heads=heads, mlp_ratio=d["mlp_ratio"],
-                   num_classes=d["num_classes"], learn_sigma=d["learn_sigma"],
+                   num_classes=d["num_classes"], learn_sigma=d["learn_sigma"], mean_flow=d["mean_flow"],
                    **dict(d["options"], wo_pos_embed=bool(wo_pos_embed)))
 
     def to_dict(self) -> dict:
@@ -218,6 +220,7 @@ def config_from_state_dict(sd: dict) -> dict:
         "num_classes": int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1,  # the last row is the null class
         "num_tokens": int(sd["pos_embed"].shape[1]), "learn_sigma": out == 2 * in_channels,
         "mlp_ratio": _mlp_ratio(sd, int(hidden), options["use_swiglu"]) if depth else 4.0, "options": options,
+        "mean_flow": "h_embedder.mlp.0.weight" in sd,
     }
     cfg["name"] = next((n for names in (DIT_NAMES, LIGHTNING_NAMES) for n in names
                         if (model_config(n)["depth"], model_config(n)["hidden_size"], model_config(n)["patch_size"])

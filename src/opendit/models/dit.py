@@ -439,6 +439,9 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(self.input_size, config.patch_size, config.in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        # MeanFlow: a second time, embedded as the interval h = r - t and added to the conditioning (the released
+        # MeanFlow DiT's h_embedder); absent otherwise, so the published state dict is unchanged
+        self.h_embedder = TimestepEmbedder(hidden_size) if config.mean_flow else None
         self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         # Fixed sin-cos table; a (frozen) Parameter so that it is part of the published state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
@@ -498,6 +501,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.h_embedder is not None:
+            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.h_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output starts at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -516,15 +522,20 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
-                return_hidden: tuple[int, ...] = ()):
+                return_hidden: tuple[int, ...] = (), r: torch.Tensor | None = None):
         """``force_drop_ids`` (N,) bool/0-1, optional: which labels to replace by the null class, instead of the
         random class dropout of training mode (a trainer passes it to control the randomness itself).
         ``return_hidden``: block numbers k (1 = the first block) whose output tokens (N, T, D) are wanted too (for
-        auxiliary losses); then the result is (output, {k: tokens})."""
+        auxiliary losses); then the result is (output, {k: tokens}). ``r`` (N,): a MeanFlow model's second time (the
+        end of the interval whose average velocity it predicts; default t)."""
         x = self.x_embedder(x)  # (N, T, D); fp32 residual stream under autocast
         if not self.options["wo_pos_embed"]:
             x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        if self.h_embedder is not None:  # MeanFlow: u(x, t, r) sees t and h = r - t (r = t when not given)
+            c = c + self.h_embedder(r - t if r is not None else torch.zeros_like(t))
+        elif r is not None:
+            raise ValueError("this DiT takes one time (built without mean_flow); r is for MeanFlow models")
         rope = (self.feat_rope.freqs_cos, self.feat_rope.freqs_sin) if self.feat_rope is not None else None
         use_ckpt = self.grad_checkpoint and torch.is_grad_enabled()
         hidden = {}

@@ -23,6 +23,10 @@ class Objective(ABC):
     options: dict = {}  # its samplers' keyword options and their defaults (None: the sampler's own default)
     predicts_x0: bool = False  # has an x0 prediction that --clip_denoised can clamp
     min_steps: int = 1  # the fewest --num_sampling_steps its samplers take
+    default_steps: int | None = None  # --num_sampling_steps when not given (None: the program's, 250)
+    model_fields: dict = {}  # DiTConfig fields the model it trains must have (e.g. MeanFlow's second time)
+    guidance_trained_in: bool = False  # sample at guidance 1 (a scale other than 1 would guide twice)
+    logged_terms: tuple[str, ...] = ()  # per-sample terms of training_losses logged beside the loss (as NAME_loss)
 
     # -- training
     @abstractmethod

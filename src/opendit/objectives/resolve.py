@@ -34,7 +34,7 @@ def resolve_objective(flag: str, flow_flags: dict, run_cfg: dict | None, sd: dic
     from . import FLOW_SETTINGS, build_objective
 
     flag = flag or "auto"
-    weights = trained_kind(sd, cfg)
+    weights = "meanflow" if cfg.get("mean_flow") else trained_kind(sd, cfg)  # only MeanFlow's DiT takes two times
     if run_cfg is not None:
         kind, why = run_cfg.get("objective") or "diffusion", "the run's config.json"
         settings = dict(run_cfg, objective=kind)
@@ -56,9 +56,10 @@ def resolve_objective(flag: str, flow_flags: dict, run_cfg: dict | None, sd: dic
         raise UserError(f"--objective {flag}: {source} was trained as {kind} ({why}); drop --objective or use "
                         f"--objective {kind}")
     if weights is not None and weights != kind:
-        raise UserError(f"{source} looks {'flow' if weights == 'flow' else 'diffusion'}-trained (its variance "
-                        f"channels are {'untouched' if weights == 'flow' else 'trained'}), but {why} says {kind}; "
-                        f"sample it with --objective {weights}")
+        how = {"meanflow": "it takes a second time (h_embedder)", "flow": "its variance channels are untouched",
+               "diffusion": "its variance channels are trained"}[weights]
+        raise UserError(f"{source} looks {weights}-trained ({how}), but {why} says {kind}; sample it with "
+                        f"--objective {weights}")
     if weights is None and published is not None and published != kind:
         raise UserError(f"{source} is a published {published} checkpoint, but {why} says {kind}; sample it with "
                         f"--objective {published}")

@@ -121,6 +121,9 @@ def generate(model: DiT, labels: torch.Tensor, noise: torch.Tensor, *, sampler: 
     objective = as_objective(objective)
     interval = guidance_interval(cfg_interval, cfg_interval_sigma)
     objective.check_call(sampler, {k: v for k, v in options.items() if v is not None})
+    if objective.guidance_trained_in and cfg_scale != 1.0:
+        raise UserError(f"cfg_scale {cfg_scale:g}: guidance is trained into this {objective.name} model; sample at "
+                        f"cfg_scale 1 (another scale would guide twice)")
     if cache is not None:
         cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     with cache.attach(model) if cache is not None else contextlib.nullcontext():  # first: it replaces model.forward

@@ -138,10 +138,15 @@ def sampler_settings(cfg, loaded: Loaded) -> dict:
     if s.clip_denoised != "auto" and not objective.predicts_x0:
         raise UserError(f"--clip_denoised does not apply to the {objective.name}'s {sampler} sampler (a {objective.name} "
                         f"predicts no x0 to clamp)")
-    if s.num_sampling_steps < objective.min_steps:
+    steps = s.num_sampling_steps if s.num_sampling_steps is not None else (objective.default_steps or 250)
+    if steps < objective.min_steps:
         raise UserError(f"--num_sampling_steps: a {objective.name} sampler needs at least {objective.min_steps}")
+    scale = g.cfg_scale if g.cfg_scale is not None else (1.0 if objective.guidance_trained_in else g.DEFAULT_SCALE)
+    if objective.guidance_trained_in and scale != 1.0:
+        raise UserError(f"--cfg_scale {scale:g}: guidance is trained into {loaded.source} ({loaded.objective_note}); "
+                        f"sample it at --cfg_scale 1 (another scale would guide twice)")
     interval = guidance_interval(g.cfg_interval, g.cfg_interval_sigma)
-    out = dict(sampler=sampler, steps=s.num_sampling_steps, cfg_scale=g.cfg_scale,
+    out = dict(sampler=sampler, steps=steps, cfg_scale=scale,
                guidance_channels=g.guidance_channels, cfg_interval=None, cfg_interval_sigma=None, objective=objective,
                **s.options)
     if interval is not None:

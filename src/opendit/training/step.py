@@ -122,6 +122,11 @@ class HiddenCapture:
         out, self.hidden = self.model(x, t, return_hidden=self.depths, **kwargs)
         return out
 
+    @property
+    def module(self):
+        """The plain module (an objective's extra passes without autograd, e.g. MeanFlow's JVP, bypass the capture)."""
+        return getattr(self.model, "module", self.model)
+
 
 def compute_loss(model, objective, batch: StepBatch, aux_losses=()) -> tuple[torch.Tensor, dict]:
     """The step's scalar loss: the mean of the objective's per-sample losses plus each weighted auxiliary loss."""
@@ -129,10 +134,11 @@ def compute_loss(model, objective, batch: StepBatch, aux_losses=()) -> tuple[tor
     capture = HiddenCapture(model, tuple(sorted({d for a in aux_losses for d in a.depths}))) if aux_losses else None
     losses = objective.training_losses(capture or model, batch.x, t=batch.t, model_kwargs=kwargs, noise=batch.noise)
     loss, aux = losses["loss"].mean(), {}
+    logged = {name: losses[name].mean() for name in getattr(objective, "logged_terms", ())}  # logged, not added
     for a in aux_losses:
         aux[a.name] = a.weight * a(capture.hidden, batch)
         loss = loss + aux[a.name]
-    return loss, {k: v.detach() for k, v in aux.items()}
+    return loss, {k: v.detach() for k, v in {**aux, **logged}.items()}
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:

@@ -134,12 +134,13 @@ def build(run: Run, resume) -> None:
     run.dataset, run.space = load_data(cfg, run.global_batch, env.device, resume)
     check_patch(run.space, cfg.model.model, model_config(cfg.model.model)["patch_size"])
     check_model_options(run.options, env.device, run.precision)
-    run.model = build_model(model_settings(cfg, run.space, run.dataset.num_classes), cfg.optim.global_seed, env.device)
+    run.objective = build_objective(dataclasses.asdict(cfg.objective))  # the diffusion, a flow or MeanFlow
+    run.model = build_model(model_settings(cfg, run.space, run.dataset.num_classes, run.objective.model_fields),
+                            cfg.optim.global_seed, env.device)
     run.alignment = setup_alignment(cfg, run.model, run.dataset, env.device)  # REPA: encoders, projectors on the model
     run.shapes = {k: tuple(v.shape) for k, v in run.model.state_dict().items()}
     run.train_model = parallelize_dit(run.model, run.options, env, run.precision)  # zero2 / fsdp: sharded in place
     run.opt = build_optimizer(run.model, cfg.optim.lr, env.device, cfg.optim.adam_beta2, cfg.optim.optimizer_impl)
-    run.objective = build_objective(dataclasses.asdict(cfg.objective))  # the diffusion or a flow
     if cfg.objective.cosine_loss and run.space.channels == 1:
         raise UserError(f"--cosine_loss on {cfg.data.dataset} ({run.space.channels} channel): {ONE_CHANNEL_COSINE}")
 
@@ -239,6 +240,16 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
         if flow_only := [k for k in ObjectiveSettings.FLOW_ONLY if k in given]:
             raise UserError(f"--{flow_only[0]} is a setting of the flow objective; add --objective flow (the run's "
                             f"objective is {cfg.objective.objective})")
+    if cfg.objective.objective != "meanflow" and given is not None:
+        if mf_only := [k for k in ObjectiveSettings.MEANFLOW_ONLY if k in given]:
+            raise UserError(f"--{mf_only[0]} is a setting of the meanflow objective; add --objective meanflow (the "
+                            f"run's objective is {cfg.objective.objective})")
+    if cfg.objective.objective == "meanflow" and (cfg.objective.omega != 1.0 or cfg.objective.kappa != 0.0):
+        ev = cfg.evaluation
+        for flag, value in (("final_cfg_scale", ev.final_cfg_scale), ("eval_cfg_scale", ev.eval_cfg_scale)):
+            if value != 1.0 and (flag == "eval_cfg_scale" or (given is not None and flag in given)):
+                raise UserError(f"--{flag} {value:g}: a meanflow run trains guidance in (--omega / --kappa); its "
+                                f"samples are drawn at guidance 1")
     check_alignment_settings(cfg.alignment, given)
     mc = model_config(cfg.model.model)
     if problem := block_options_problem(cfg.model.block_options, mc["hidden_size"], mc["num_heads"]):
@@ -275,11 +286,11 @@ def load_data(cfg: TrainConfig, global_batch: int, device, resume) -> tuple[obje
     return dataset, space
 
 
-def model_settings(cfg: TrainConfig, space: Space, num_classes: int) -> DiTConfig:
+def model_settings(cfg: TrainConfig, space: Space, num_classes: int, objective_fields: dict | None = None) -> DiTConfig:
     """The DiTConfig of a run: the registry name's structure, the space's input grid and channels, the data set's
-    classes, the block options."""
+    classes, the block options, and what the objective needs of it (MeanFlow: a second time, no variance half)."""
     return DiTConfig.from_name(cfg.model.model, input_size=space.input_size, in_channels=space.channels,
-                               num_classes=num_classes, **cfg.model.block_options)
+                               num_classes=num_classes, **cfg.model.block_options, **(objective_fields or {}))
 
 
 def build_model(config: DiTConfig, seed: int, device) -> DiT:
@@ -542,11 +553,12 @@ def write_final_grid(run: Run) -> None:
     from ..sampling.grid import write_sample_grid
 
     model, env, ev = run.ema_model(), run.env, run.cfg.evaluation
+    scale = 1.0 if run.objective.guidance_trained_in else ev.final_cfg_scale  # trained in: sampled at 1
     if env.is_main:
         path = os.path.join(run.run_dir, "samples.png")
         write_sample_grid(path, model, run.space, num_classes=run.dataset.num_classes,
                           class_names=run.dataset.class_names, per_class=ev.final_samples,
-                          cfg_scale=ev.final_cfg_scale, device=env.device, seed=run.cfg.optim.global_seed,
+                          cfg_scale=scale, device=env.device, seed=run.cfg.optim.global_seed,
                           precision=run.precision, objective=run.objective)
-        sampling = dict(quick_sampler(run.objective), cfg_scale=ev.final_cfg_scale)
+        sampling = dict(quick_sampler(run.objective), cfg_scale=scale)
         run.log.info(f"wrote {ev.final_samples} EMA samples per class ({describe_settings(sampling)}) to {path}")
