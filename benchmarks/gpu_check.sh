@@ -31,4 +31,7 @@ bash benchmarks/gpu_sampling.sh
 echo "== REPA's cost per step (DiT-XL/2 @256, batch 64, DINOv2-B shaped encoder, bf16)"
 timeout 120 $PY benchmarks/repa_cost.py --model DiT-XL/2 --image_size 256 --batch_size 64 --encoder dinov2-vit-b \
     --repa_depth 8 --projector_dim 2048 --device cuda --precision bf16 --steps 10 --repeats 2 2>&1 | tee "$OUT/repa_cost.log"
+echo "== issue 27: MeanFlow's step (JVP through the Triton attention kernel) against a flow step, DiT-XL/2 @256 latents"
+timeout 240 $PY benchmarks/meanflow_step.py --model DiT-XL/2 --image_size 32 --channels 4 --batch 64 --device cuda \
+    --steps 5 --repeats 2 2>&1 | tee "$OUT/meanflow_step.log"
 cp BENCHMARKS.md "$OUT/" 2>/dev/null || true

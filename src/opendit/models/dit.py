@@ -143,7 +143,7 @@ class LabelEmbedder(nn.Module):
 
 # ----------------------------------------------------------------------------- transformer
 
-ATTENTION_IMPLS = ("sdpa", "eager", "flash")
+ATTENTION_IMPLS = ("sdpa", "eager", "flash", "jvp_kernel")
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -279,6 +279,10 @@ class Attention(nn.Module):
             out = eager_attention(q, k, v)
         elif self.impl == "flash":
             out = flash_attention(q, k, v)
+        elif self.impl == "jvp_kernel":  # forward-mode AD through a Triton kernel (MeanFlow's JVP pass)
+            from ..kernels.attention_jvp import JvpAttention
+
+            out = JvpAttention.apply(q, k, v)
         else:
             raise ValueError(f"unknown attention implementation {self.impl!r}; choose from {ATTENTION_IMPLS}")
         return self.proj(out.transpose(1, 2).reshape(N, T, D))

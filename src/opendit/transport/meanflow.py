@@ -19,8 +19,9 @@ gradient) with the null label and with the label (omega 1.0, kappa 0.5); a sampl
 Samples are drawn at guidance 1 (it is in the weights).
 
 The JVP is taken on the plain module in its own forward without autograd (``torch.autograd.forward_ad`` with tangents
-on x_t and t only, SDPA restricted to its math path, which has forward-mode AD), then the ordinary forward and
-backward run through the wrapper (DDP, FSDP2): forward AD never meets the wrappers' hooks on the backward pass.
+on x_t and t only; attention through the Triton kernel that computes its JVP on a GPU, else SDPA's math path, which
+has forward-mode AD), then the ordinary forward and backward run through the wrapper (DDP, FSDP2): forward AD never
+meets the wrappers' hooks on the backward pass.
 """
 
 from __future__ import annotations
@@ -38,11 +39,31 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def jvp_attention_kernel_usable(device) -> bool:
+    """Whether the Triton attention-with-JVP kernel can run for ``device`` (a CUDA GPU with Triton)."""
+    from ..kernels import kernels_available
+
+    return torch.device(device).type == "cuda" and kernels_available(torch.device(device)) is None
+
+
 @contextlib.contextmanager
-def forward_ad_attention():
-    """SDPA restricted to its math path (the fused flash / memory-efficient kernels have no forward-mode AD)."""
+def forward_ad_attention(model=None, device=None):
+    """Attention that forward-mode AD can pass: on a GPU with Triton, the model's attention switched to the Triton
+    kernel that computes the JVP with the output (``kernels.attention_jvp``); elsewhere SDPA restricted to its math
+    path (the fused flash / memory-efficient kernels have no forward-mode AD)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and device is not None and jvp_attention_kernel_usable(device):
+        before = [b.attn.impl for b in blocks]
+        for b in blocks:
+            b.attn.impl = "jvp_kernel"
+        try:
+            yield
+        finally:
+            for b, impl in zip(blocks, before):
+                b.attn.impl = impl
+        return
     with sdpa_kernel([SDPBackend.MATH]):
         yield
 
@@ -133,7 +154,7 @@ class MeanFlow:
         x_t = tt * x1 + (1 - tt) * x0
         v = x1 - x0
         v_g = self.guided_velocity(model, x_t, t, v, kw)
-        with torch.no_grad(), forward_ad_attention(), fwAD.dual_level():  # d/dt u along (v_g, 1, 0)
+        with torch.no_grad(), forward_ad_attention(plain, x1.device), fwAD.dual_level():  # d/dt u along (v_g, 1, 0)
             out = plain(fwAD.make_dual(x_t, v_g), fwAD.make_dual(t, torch.ones_like(t)), r=r, **kw)
             du_dt = fwAD.unpack_dual(prediction_of(out, x_t)).tangent
         u = prediction_of(model(x_t, t, r=r, **kw), x_t)
