@@ -9,7 +9,8 @@ between markers in BENCHMARKS.md, and a plot (quality vs steps, one curve per re
 
 A recipe is a name, a label and training flags on top of the common ones (RECIPES): later issues add rows there.
 The 20-evaluation sampler is the one training uses for its grid and FID (opendit.sampling.generate.quick_sampler):
-DPM-Solver++ 20 steps for the diffusion, Heun on an 11-point grid (10 steps of 2 evaluations) for a flow.
+DPM-Solver++ 20 steps for the diffusion, Heun on an 11-point grid (10 steps of 2 evaluations) for a flow. MeanFlow rows
+are scored with 1 and with 2 network calls per sample at guidance 1 (guidance is trained in).
 """
 
 from __future__ import annotations
@@ -52,7 +53,21 @@ RECIPES = [  # (key, label, flags)
     ("sit-repa", "SiT + REPA (digits encoder)", ["--objective", "flow", *REPA_FLAGS]),
     ("lightning", "LightningDiT blocks + flow (logit-normal t)", LIGHTNING_FLAGS),
     ("lightning-repa", "LightningDiT blocks + flow + REPA", [*LIGHTNING_FLAGS, *REPA_FLAGS]),
+    # MeanFlow (the released defaults): one training run, scored with 1 and with 2 network calls per sample; guidance
+    # is trained in, so both "cfg" columns hold the samples at guidance 1
+    ("meanflow-1", "MeanFlow, 1 call (trained-in guidance in both cfg columns)", ["--objective", "meanflow"]),
+    ("meanflow-2", "MeanFlow, 2 calls (trained-in guidance in both cfg columns)", ["--objective", "meanflow"]),
 ]
+
+
+def run_key(key: str) -> str:
+    """The training run a row scores (the MeanFlow rows share one)."""
+    return "meanflow" if key.startswith("meanflow-") else key
+
+
+def calls_of(key: str) -> int | None:
+    """Network calls per sample of a MeanFlow row (None: the 20-evaluation sampler)."""
+    return int(key.rsplit("-", 1)[1]) if key.startswith("meanflow-") else None
 # quality levels of the table: accuracy at guidance 1.5 (higher is better), Fréchet distances at guidance 1.0 (lower)
 ACCURACY_LEVELS = (0.95, 0.98, 0.99)
 PIXEL_FD_LEVELS = (40.0, 30.0, 25.0)
@@ -71,7 +86,11 @@ def cpu_model() -> str:
 
 
 def train(key: str, flags: list[str], steps: int, eval_every: int, out_root: str) -> str:
-    outputs = os.path.join(out_root, key)
+    outputs = os.path.join(out_root, run_key(key))
+    if run_key(key) != key and os.path.isdir(outputs):  # a shared run already trained for another row
+        runs = sorted(d for d in os.listdir(outputs) if not d.startswith("."))
+        if runs and any(c.endswith(f"global_step{steps}") for c in list_checkpoints(os.path.join(outputs, runs[-1]))):
+            return os.path.join(outputs, runs[-1])
     cmd = [sys.executable, os.path.join(REPO, "scripts", "dit", "train.py"), *COMMON, *flags, "--max_steps", str(steps),
            "--log_every", str(eval_every), "--ckpt_every", str(eval_every), "--ckpt_keep", "0", "--outputs", outputs]
     print(" ".join(cmd[1:]), flush=True)
@@ -92,12 +111,14 @@ def training_seconds(run_dir: str) -> dict[int, float]:
     return out
 
 
-def evaluate(ckpt_dir: str, cfg: float) -> dict:
+def evaluate(ckpt_dir: str, cfg: float, calls: int | None = None) -> dict:
     from opendit.cli import sample_ddp
 
-    npz_dir = os.path.join(ckpt_dir, "..", "eval", f"{os.path.basename(ckpt_dir)}-q20-cfg{cfg}")
+    tag = f"mf{calls}" if calls else "q20"
+    npz_dir = os.path.join(ckpt_dir, "..", "eval", f"{os.path.basename(ckpt_dir)}-{tag}-cfg{cfg}")
     objective = json.load(open(os.path.join(ckpt_dir, "..", "config.json"))).get("objective", "diffusion")
     sampler = (["--sampler", "ode", "--sampling_method", "heun", "--num_sampling_steps", "11"] if objective == "flow"
+               else ["--sampler", "meanflow", "--num_sampling_steps", str(calls)] if objective == "meanflow"
                else ["--sampler", "dpm-solver++", "--num_sampling_steps", "20"])
     if not os.path.isfile(os.path.normpath(npz_dir) + ".npz"):
         code = sample_ddp.main(["--ckpt", ckpt_dir, "--num_samples", "500", "--per_proc_batch_size", "250",
@@ -280,7 +301,9 @@ def main() -> int:
         points = []
         for ckpt_dir in list_checkpoints(run_dir):
             step = int(ckpt_dir.rsplit("global_step", 1)[1])
-            s10, s15 = evaluate(ckpt_dir, 1.0), evaluate(ckpt_dir, 1.5)
+            calls = calls_of(key)
+            s10 = evaluate(ckpt_dir, 1.0, calls)
+            s15 = s10 if calls else evaluate(ckpt_dir, 1.5)  # MeanFlow: its guidance is trained in, sampled at 1
             points.append({"step": step, "seconds": seconds[step], "acc_cfg1.0": s10["accuracy"],
                            "pixel_fd_cfg1.0": s10["pixel_fd"], "feature_fd_cfg1.0": s10["feature_fd"],
                            "acc_cfg1.5": s15["accuracy"], "pixel_fd_cfg1.5": s15["pixel_fd"],
