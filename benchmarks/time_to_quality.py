@@ -184,7 +184,7 @@ def plot(results: dict, path: str) -> None:
 
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=13)
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
-              (140, 86, 75), (227, 119, 194)]
+              (140, 86, 75), (227, 119, 194), (188, 189, 34), (127, 127, 127)]
     panels = [("acc_cfg1.5", "accuracy at cfg 1.5 (higher is better)", False, ACCURACY_LEVELS),
               ("pixel_fd_cfg1.0", "pixel FD at cfg 1.0 (log; lower is better)", True, PIXEL_FD_LEVELS),
               ("feature_fd_cfg1.0", "feature FD at cfg 1.0 (log; lower is better)", True, FEATURE_FD_LEVELS)]
