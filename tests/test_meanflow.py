@@ -173,9 +173,8 @@ def test_a_network_trained_on_gaussian_data_draws_one_step_samples_with_its_mean
 
 # ----------------------------------------------------------------------------- the DiT and its JVP
 
-def test_the_jvp_through_math_attention_equals_the_jvp_through_plain_attention():
-    from opendit.transport.meanflow import forward_ad_attention
-
+def small_meanflow_dit():
+    """A 2-block MeanFlow DiT in eval mode, its weights moved off adaLN-Zero's identity start (every term matters)."""
     torch.manual_seed(0)
     cfg = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
                     learn_sigma=False, mean_flow=True)
@@ -183,6 +182,13 @@ def test_the_jvp_through_math_attention_equals_the_jvp_through_plain_attention()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_the_jvp_through_math_attention_equals_the_jvp_through_plain_attention():
+    from opendit.transport.meanflow import forward_ad_attention
+
+    model = small_meanflow_dit()
     x, t, r, y = torch.randn(3, 1, 8, 8), torch.rand(3) * 0.5, 0.5 + torch.rand(3) * 0.5, torch.tensor([1, 2, 3])
     v = torch.randn_like(x)
     import torch.autograd.forward_ad as fwAD
@@ -305,13 +311,7 @@ def test_the_dit_jvp_through_the_triton_kernel_equals_the_plain_one():
     """The model's attention switched to the kernel (what MeanFlow's JVP pass does on a GPU) under forward AD."""
     import torch.autograd.forward_ad as fwAD
 
-    torch.manual_seed(0)
-    cfg = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-                    learn_sigma=False, mean_flow=True)
-    model = DiT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = small_meanflow_dit()
     x, t, r, y = torch.randn(2, 1, 8, 8), torch.rand(2) * 0.5, 0.5 + torch.rand(2) * 0.5, torch.tensor([1, 2])
     v = torch.randn_like(x)
     model.set_attention_impl("jvp_kernel")
