@@ -4,6 +4,8 @@ config.json), ``resolve_objective`` decides which one a checkpoint was trained w
 
 from __future__ import annotations
 
+import functools
+
 from ..diffusion import GaussianDiffusion
 from ..errors import UserError
 from ..transport import MeanFlow, Transport, create_meanflow, create_transport
@@ -43,13 +45,19 @@ def build_objective(settings: dict) -> Objective:
         raise UserError(str(e)) from None
 
 
+@functools.cache
+def _dit_diffusion() -> DiffusionObjective:
+    """The DiT diffusion, built once (its schedule tables) for every call that names no objective."""
+    return DiffusionObjective()
+
+
 def as_objective(obj) -> Objective:
     """An Objective as is; the lineages' own objects wrapped (a ``GaussianDiffusion`` of ``create_diffusion``, a
     ``Transport`` of ``create_transport``, a ``MeanFlow`` of ``create_meanflow``); None: the DiT diffusion."""
     if isinstance(obj, Objective):
         return obj
     if obj is None:
-        return DiffusionObjective()
+        return _dit_diffusion()
     if isinstance(obj, Transport):
         return FlowObjective(obj)
     if isinstance(obj, GaussianDiffusion):

@@ -137,11 +137,11 @@ class MeanFlow:
         kw = dict(model_kwargs or {})
         if t is None:
             t = self.sample_timesteps(x1.shape[0], device=x1.device)
-        if r is None:
+        if r is None:  # as sample_timesteps draws them (r >= t by construction: no check, no host sync per step)
             if t.ndim != 2:
                 raise ValueError("MeanFlow needs two times: t (N, 2) = [t, r], or t and r")
             t, r = t[:, 0], t[:, 1]
-        if torch.any(r < t):
+        elif torch.any(r < t):  # given separately (the Python API): checked
             raise ValueError("MeanFlow: r < t for some samples; the interval runs from t (noisier) to r >= t")
         x0 = torch.randn_like(x1) if noise is None else noise
         plain = unwrap(model)
