@@ -62,6 +62,8 @@ class MeanFlowObjective(Objective):
 
     def describe(self) -> str:
         mf = self.mf
+        guidance = (f"guidance trained in: omega {mf.omega:g}, kappa {mf.kappa:g}" if mf.guided
+                    else "no guidance trained in")
         return (f"meanflow (average velocity u(x, t, r); t, r logit-normal({mf.p_mean:g}, {mf.p_std:g}) on the released "
-                f"axis, r = t for {mf.data_proportion:g} of the batch; guidance trained in: omega {mf.omega:g}, kappa "
-                f"{mf.kappa:g}; adaptive weight p {mf.norm_p:g}, eps {mf.norm_eps:g})")
+                f"axis, r = t for {mf.data_proportion:g} of the batch; {guidance}; adaptive weight p {mf.norm_p:g}, eps "
+                f"{mf.norm_eps:g})")
