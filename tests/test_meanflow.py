@@ -341,3 +341,19 @@ def test_the_triton_attention_jvp_on_a_gpu_and_a_meanflow_step_through_it():
         loss = mf.training_losses(model, x, dict(y=y))["loss"].mean()
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_meanflow_model_without_trained_in_guidance_samples_with_cfg():
+    """omega 1, kappa 0: nothing trained in, so sampling may guide; the guided average velocity is uncond + s (cond -
+    uncond) of u(x, 0, 1), written out."""
+    from opendit.objectives import build_objective
+    from opendit.sampling.generate import generate
+
+    model = small_meanflow_dit()
+    obj = build_objective({"objective": "meanflow", "omega": 1.0, "kappa": 0.0})
+    y, z = torch.tensor([1, 2]), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t0, t1 = torch.zeros(2), torch.ones(2)
+    with torch.no_grad():
+        cond, uncond = model(z, t0, y, r=t1), model(z, t0, torch.full_like(y, 10), r=t1)
+        got = generate(model, y, z, objective=obj, sampler="meanflow", steps=1, cfg_scale=2.0)
+    torch.testing.assert_close(got, z + uncond + 2.0 * (cond - uncond), rtol=1e-5, atol=1e-5)

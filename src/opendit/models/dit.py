@@ -556,14 +556,15 @@ class DiT(nn.Module):
         return out
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guidance_channels: int | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guidance_channels: int | None = None,
+        **kwargs
     ) -> torch.Tensor:
         """Classifier-free guidance. The batch is [conditional half; the same inputs with null labels];
         only the first half of x is used. eps = uncond + cfg_scale * (cond - uncond) on the first
         ``guidance_channels`` output channels (None: every epsilon channel; 3 reproduces the published
         sampler); the other channels (and the variance half) are the conditional model's output."""
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        out = self.forward(torch.cat([half, half], dim=0), t, y, **kwargs)  # kwargs: a MeanFlow model's r
         g = self.in_channels if guidance_channels is None else int(guidance_channels)
         if not 0 < g <= self.out_channels:
             raise ValueError(f"guidance_channels must be in 1..{self.out_channels}, got {guidance_channels}")

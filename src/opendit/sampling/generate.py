@@ -61,11 +61,13 @@ class GuidedModel:
     def guided_at(self, t: torch.Tensor) -> bool:
         return self.interval is None or self.interval.contains(self.objective, t)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``kwargs``: per-sample model inputs of the doubled batch besides t (a MeanFlow model's r)."""
         if self.guided_at(t):
-            return self.model.forward_with_cfg(x, t, y, self.cfg_scale, guidance_channels=self.guidance_channels)
+            return self.model.forward_with_cfg(x, t, y, self.cfg_scale, guidance_channels=self.guidance_channels,
+                                               **kwargs)
         n = len(x) // 2
-        cond = self.model.forward(x[:n], t[:n], y[:n])
+        cond = self.model.forward(x[:n], t[:n], y[:n], **{k: v[:n] for k, v in kwargs.items()})
         return torch.cat([cond, cond], dim=0)
 
 
