@@ -174,3 +174,14 @@ def test_the_diffusion_time_axis_comes_from_its_own_schedule():
     short = DiffusionObjective(create_diffusion("", diffusion_steps=100))
     assert short.guidance_time(torch.tensor([50.0])) == pytest.approx(0.5)
     assert DiffusionObjective().guidance_time(torch.tensor([500.0])) == pytest.approx(0.5)
+
+
+def test_the_meanflow_defaults_are_one_set():
+    """The released defaults stand in three places (the flags, the recorded settings, create_meanflow): all agree."""
+    from opendit.config.train import ObjectiveSettings
+    from opendit.objectives import MEANFLOW_SETTINGS, MeanFlowObjective
+    from opendit.transport import create_meanflow
+
+    flags = {k: getattr(ObjectiveSettings(), k) for k in ObjectiveSettings.MEANFLOW_ONLY}
+    recorded = {k: v for k, v in MeanFlowObjective(create_meanflow()).record().items() if k != "objective"}
+    assert flags == MEANFLOW_SETTINGS == recorded

@@ -82,10 +82,6 @@ class Config:
         return [f.name for _, f in cls.settings()]
 
     @classmethod
-    def resume_class(cls, name: str) -> str | None:
-        return dict((f.name, f.metadata.get("resume")) for _, f in cls.settings())[name]
-
-    @classmethod
     def with_resume(cls, resume: str) -> tuple[str, ...]:
         return tuple(f.name for _, f in cls.settings() if f.metadata.get("resume") == resume)
 
@@ -100,9 +96,6 @@ class Config:
 
     def set(self, name: str, value) -> None:
         setattr(self._owner(name), name, value)
-
-    def has(self, name: str) -> bool:
-        return name in self.names()
 
     def flat(self) -> dict:
         """Every setting by its flag name (what config.json keeps)."""

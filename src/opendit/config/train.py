@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, float_flag, int_flag
-from ..objectives import OBJECTIVES
+from ..objectives import FLOW_SETTINGS, MEANFLOW_SETTINGS, OBJECTIVES
 from ..precision import PRECISIONS
 from ..transport import PATHS, PREDICTIONS, TIME_SAMPLINGS
 from .fields import CHANGE, MACHINE, RUN, Config, section, setting
@@ -99,9 +99,8 @@ class ObjectiveSettings:
                             resume=RUN)
     norm_eps: float = setting(0.01, "meanflow: see --norm_p", type=POSITIVE_FLOAT, resume=RUN)
 
-    FLOW_ONLY = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps", "time_sampling", "time_mean",
-                 "time_std", "cosine_loss")
-    MEANFLOW_ONLY = ("p_mean", "p_std", "data_proportion", "omega", "kappa", "t_start", "t_end", "norm_p", "norm_eps")
+    FLOW_ONLY = tuple(FLOW_SETTINGS)  # the settings a flow run records (opendit.objectives)
+    MEANFLOW_ONLY = tuple(MEANFLOW_SETTINGS)
 
 
 @dataclass
@@ -141,8 +140,6 @@ class AlignmentSettings:
                               resume=RUN)
     repa_lambda: float = setting(0.5, "REPA: weight of the alignment loss", type=NONNEG_FLOAT, resume=CHANGE)
     repa_projector_dim: int = setting(2048, "REPA: hidden width of the projector MLP", type=POSITIVE_INT, resume=RUN)
-
-    REPA_ONLY = ("repa_encoder_weights", "repa_depth", "repa_lambda", "repa_projector_dim")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 An objective is the one object that knows its kind of model. Training calls ``sample_timesteps`` and
 ``training_losses``; sampling calls ``sample`` (with the samplers it names in ``samplers``), ``guidance_time`` and
-``noise_level`` (where a guidance interval acts), ``check_sampler`` (its sampler options); a run's config.json and a
+``noise_level`` (where a guidance interval acts), ``check_call`` / ``check_sampler`` (its samplers and options); a run's config.json and a
 sample folder keep ``record()``. The diffusion (opendit.objectives.diffusion) and the flow
 (opendit.objectives.flow) implement it; a new objective is a third implementation and a name in ``build_objective``.
 """
@@ -66,13 +66,8 @@ class Objective(ABC):
             raise TypeError(f"the {self.name} model's samplers have no options {unknown}")
 
     def check_sampler(self, sampler: str, options: dict | None = None) -> None:
-        """A UserError for a sampler it does not offer or an option (given, not None) that does not apply to it."""
-        if sampler not in self.samplers:
-            raise UserError(f"sampler {sampler!r} does not sample a {self.name} model; choose from "
-                            f"{', '.join(self.samplers)}")
-        given = [k for k, v in (options or {}).items() if v is not None]
-        if unknown := [k for k in given if k not in self.options]:
-            raise UserError(f"--{unknown[0]} is not an option of the {self.name} model's samplers")
+        """A UserError for a known option (given, not None) that does not apply to ``sampler`` (one of its samplers;
+        the programs check the sampler and the option names first, opendit.sampling.load). None here."""
 
     def sampler_settings(self, sampler: str, options: dict) -> dict:
         """Every option of ``sampler`` with its value (given, or the default): what decides the samples."""

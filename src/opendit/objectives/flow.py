@@ -40,7 +40,6 @@ class FlowObjective(Objective):
 
     # -- sampling
     def check_sampler(self, sampler, options=None):
-        super().check_sampler(sampler, options)
         unused = {"ode": SDE_ONLY, "sde": ODE_ONLY}[sampler]
         if ignored := [k for k, v in (options or {}).items() if v is not None and k in unused]:
             raise UserError(f"--{ignored[0]} does not apply to the flow's {sampler} sampler")
