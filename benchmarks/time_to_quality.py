@@ -6,8 +6,10 @@ between markers in BENCHMARKS.md, and a plot (quality vs steps, one curve per re
 
     python benchmarks/time_to_quality.py                       # every recipe, ~1 h on a 2-core CPU
     python benchmarks/time_to_quality.py --recipes dit,sit     # some; rows of earlier runs in the JSON are kept
+    python benchmarks/time_to_quality.py --recipes dit,fast --seeds 1,2   # more seeds: the seed-spread table
 
-A recipe is a name, a label and training flags on top of the common ones (RECIPES): later issues add rows there.
+A recipe is a name, a label and training flags on top of the common ones (RECIPES): later issues add rows there. A
+recipe on its own schedule (OWN_SCHEDULE: fewer steps, its cosine ending there) is scored at its own interval.
 The 20-evaluation sampler is the one training uses for its grid and FID (opendit.sampling.generate.quick_sampler):
 DPM-Solver++ 20 steps for the diffusion, Heun on an 11-point grid (10 steps of 2 evaluations) for a flow. MeanFlow rows
 are scored with 1 and with 2 network calls per sample at guidance 1 (guidance is trained in).
@@ -60,9 +62,18 @@ RECIPES = [  # (key, label, flags)
 ]
 
 
+# recipes trained on their own schedule: (steps, evaluation interval)
+OWN_SCHEDULE: dict[str, tuple[int, int]] = {}
+
+
 def run_key(key: str) -> str:
     """The training run a row scores (the MeanFlow rows share one)."""
     return "meanflow" if key.startswith("meanflow-") else key
+
+
+def seeded(key: str, seed: int) -> str:
+    """The results key of a recipe's run with another seed (seed 0: the recipe's own key)."""
+    return key if seed == 0 else f"{key}@seed{seed}"
 
 
 def calls_of(key: str) -> int | None:
@@ -85,8 +96,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def train(key: str, flags: list[str], steps: int, eval_every: int, out_root: str) -> str:
-    outputs = os.path.join(out_root, run_key(key))
+def train(key: str, flags: list[str], steps: int, eval_every: int, out_root: str, seed: int = 0) -> str:
+    outputs = os.path.join(out_root, seeded(run_key(key), seed))
+    flags = [*flags, "--global_seed", str(seed)] if seed else flags
     if run_key(key) != key and os.path.isdir(outputs):  # a shared run already trained for another row
         runs = sorted(d for d in os.listdir(outputs) if not d.startswith("."))
         if runs and any(c.endswith(f"global_step{steps}") for c in list_checkpoints(os.path.join(outputs, runs[-1]))):
@@ -156,6 +168,27 @@ def table(results: dict) -> str:
         cells += [f"{last['acc_cfg1.5']:.1%}", f"{last['pixel_fd_cfg1.0']:.2f}", f"{last['feature_fd_cfg1.0']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def spread_table(results: dict) -> str:
+    """The recipes run with several seeds: each seed's final scores and their range (the noise a technique must
+    beat)."""
+    lines = ["| recipe | steps | seed | acc@1.5 | pixel FD@1.0 | feature FD@1.0 | training s |", "|" + "---|" * 7]
+    for key, label, _ in RECIPES:
+        runs = sorted((int(k.split("@seed")[1]), r) for k, r in results.items() if k.startswith(f"{key}@seed"))
+        if key not in results or not runs:
+            continue
+        runs = [(0, results[key]), *runs]
+        finals = [r["points"][-1] for _, r in runs]
+        for (seed, _), f in zip(runs, finals):
+            lines.append(f"| {label} | {f['step']} | {seed} | {f['acc_cfg1.5']:.1%} | {f['pixel_fd_cfg1.0']:.2f} | "
+                         f"{f['feature_fd_cfg1.0']:.2f} | {f['seconds']:.0f} |")
+        col = {m: [f[m] for f in finals] for m in ("acc_cfg1.5", "pixel_fd_cfg1.0", "feature_fd_cfg1.0", "seconds")}
+        lines.append(f"| {label}: range | | | {min(col['acc_cfg1.5']):.1%}-{max(col['acc_cfg1.5']):.1%} | "
+                     f"{min(col['pixel_fd_cfg1.0']):.2f}-{max(col['pixel_fd_cfg1.0']):.2f} | "
+                     f"{min(col['feature_fd_cfg1.0']):.2f}-{max(col['feature_fd_cfg1.0']):.2f} | "
+                     f"{min(col['seconds']):.0f}-{max(col['seconds']):.0f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -261,6 +294,8 @@ def write_markdown(results: dict, meta: dict, bench_md: str) -> None:
         "",
         table(results),
         "",
+        *(["Seed spread (the same recipe and budget, other --global_seed; final scores):", "", spread, ""]
+          if (spread := spread_table(results)) else []),
         "![time to quality](docs/time_to_quality.png)",
         MARK_END,
     ])
@@ -274,10 +309,31 @@ def write_markdown(results: dict, meta: dict, bench_md: str) -> None:
         f.write(text)
 
 
+def run_recipe(key: str, label: str, flags: list[str], seed: int, args) -> dict:
+    """Train one recipe with one seed and score each of its checkpoints."""
+    steps, eval_every = OWN_SCHEDULE.get(key, (args.steps, args.eval_every))
+    run_dir = train(key, flags, steps, eval_every, args.work, seed)
+    seconds = training_seconds(run_dir)
+    points = []
+    for ckpt_dir in list_checkpoints(run_dir):
+        step = int(ckpt_dir.rsplit("global_step", 1)[1])
+        calls = calls_of(key)
+        s10 = evaluate(ckpt_dir, 1.0, calls)
+        s15 = s10 if calls else evaluate(ckpt_dir, 1.5)  # MeanFlow: its guidance is trained in, sampled at 1
+        points.append({"step": step, "seconds": seconds[step], "acc_cfg1.0": s10["accuracy"],
+                       "pixel_fd_cfg1.0": s10["pixel_fd"], "feature_fd_cfg1.0": s10["feature_fd"],
+                       "acc_cfg1.5": s15["accuracy"], "pixel_fd_cfg1.5": s15["pixel_fd"],
+                       "feature_fd_cfg1.5": s15["feature_fd"]})
+        print(f"{label} step {step}: acc@1.5 {s15['accuracy']:.1%} pixel FD@1.0 {s10['pixel_fd']:.2f} "
+              f"feature FD@1.0 {s10['feature_fd']:.2f}", flush=True)
+    return {"label": label, "flags": flags, "seed": seed, "points": points, "date": datetime.date.today().isoformat()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", default=",".join(k for k, _, _ in RECIPES))
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seeds", default="0", help="comma-separated --global_seed values (0: the table's rows)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--work", default=os.path.join(REPO, "outputs", "time_to_quality"))
     p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results", "time_to_quality.json"))
@@ -294,23 +350,9 @@ def main() -> int:
     if unknown := set(wanted) - {k for k, _, _ in RECIPES}:
         p.error(f"unknown recipes {sorted(unknown)}")
     for key, label, flags in RECIPES:
-        if key not in wanted:
-            continue
-        run_dir = train(key, flags, args.steps, args.eval_every, args.work)
-        seconds = training_seconds(run_dir)
-        points = []
-        for ckpt_dir in list_checkpoints(run_dir):
-            step = int(ckpt_dir.rsplit("global_step", 1)[1])
-            calls = calls_of(key)
-            s10 = evaluate(ckpt_dir, 1.0, calls)
-            s15 = s10 if calls else evaluate(ckpt_dir, 1.5)  # MeanFlow: its guidance is trained in, sampled at 1
-            points.append({"step": step, "seconds": seconds[step], "acc_cfg1.0": s10["accuracy"],
-                           "pixel_fd_cfg1.0": s10["pixel_fd"], "feature_fd_cfg1.0": s10["feature_fd"],
-                           "acc_cfg1.5": s15["accuracy"], "pixel_fd_cfg1.5": s15["pixel_fd"],
-                           "feature_fd_cfg1.5": s15["feature_fd"]})
-            print(f"{label} step {step}: acc@1.5 {s15['accuracy']:.1%} pixel FD@1.0 {s10['pixel_fd']:.2f} "
-                  f"feature FD@1.0 {s10['feature_fd']:.2f}", flush=True)
-        results[key] = {"label": label, "flags": flags, "points": points, "date": datetime.date.today().isoformat()}
+        for seed in (int(v) for v in args.seeds.split(",")):
+            if key in wanted:
+                results[seeded(key, seed)] = run_recipe(key, label, flags, seed, args)
     meta = saved.get("meta") if args.report_only else {
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "steps": args.steps,
         "eval_every": args.eval_every, "device": f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)",

@@ -30,7 +30,7 @@ RESUME = {
     # optimization (the per-process batch: through the global batch, which defines the run)
     "batch_size": RUN, "global_seed": RUN, "epochs": CHANGE, "max_steps": CHANGE, "lr": CHANGE,
     "lr_schedule": CHANGE, "warmup_steps": CHANGE, "adam_beta2": RUN, "optimizer_impl": MACHINE, "grad_clip": CHANGE,
-    "ema_decay": CHANGE, "max_bad_steps": CHANGE,
+    "ema_decay": CHANGE, "ema_std": CHANGE, "optimizer": RUN, "max_bad_steps": CHANGE,
     # alignment
     "repa_encoder": RUN, "repa_encoder_weights": MACHINE, "repa_depth": RUN, "repa_lambda": CHANGE,
     "repa_projector_dim": RUN,

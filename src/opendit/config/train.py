@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..errors import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, UNIT_FLOAT, float_flag, int_flag
 from ..objectives import FLOW_SETTINGS, MEANFLOW_SETTINGS, OBJECTIVES
 from ..precision import PRECISIONS
+from ..training.optim import OPTIMIZERS
 from ..transport import PATHS, PREDICTIONS, TIME_SAMPLINGS
 from .fields import CHANGE, MACHINE, RUN, Config, section, setting
 
@@ -115,6 +116,10 @@ class OptimSettings:
     epochs: int = setting(1400, "", type=POSITIVE_INT, resume=CHANGE)
     max_steps: int | None = setting(None, "stop after this many optimizer steps in total", type=POSITIVE_INT,
                                     resume=CHANGE)
+    optimizer: str = setting(
+        "adamw", "adamw (as DiT, no weight decay) or muon: Muon on the transformer blocks' 2-D weights (momentum 0.95, "
+                 "Nesterov, 5 Newton-Schulz steps, scaled to AdamW's RMS so --lr carries over) and AdamW on the rest",
+        choices=OPTIMIZERS, resume=RUN)
     adam_beta2: float = setting(0.999, "AdamW's beta2 (0.999 as DiT; LightningDiT: 0.95)", type=float_flag(0.0, 0.9999),
                                 resume=RUN)
     optimizer_impl: str = setting(
@@ -123,6 +128,10 @@ class OptimSettings:
         choices=["auto", "fused", "foreach"], resume=MACHINE)
     grad_clip: float = setting(1.0, "max global gradient norm; 0 = off", type=NONNEG_FLOAT, resume=CHANGE)
     ema_decay: float = setting(0.9999, "", type=UNIT_FLOAT, resume=CHANGE)
+    ema_std: float | None = setting(
+        None, "EDM2's power-function EMA instead of --ema_decay: the averaging profile's width as a fraction of the "
+              "steps so far (relative std; EDM2: 0.05, 0.10), so it fits any run length; decay (1 - 1/k)^(gamma+1) "
+              "after step k", type=float_flag(0.0, 12 ** -0.5, lo_open=True), resume=CHANGE)
     max_bad_steps: int = setting(10, "stop after this many steps in a row with a non-finite loss or gradient norm "
                                      "(each is skipped); 0 = never", type=NONNEG_INT, resume=CHANGE)
 

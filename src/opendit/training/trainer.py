@@ -41,7 +41,7 @@ from ..preemption import StopRequest
 from ..space import Space, check_patch, training_space
 from ..transport.transport import ONE_CHANNEL_COSINE
 from .bad_images import BadImages
-from .ema import EMA, NOT_AVERAGED
+from .ema import EMA, NOT_AVERAGED, ema_decay_at
 from .optim import build_optimizer, learning_rate
 from .randomness import draw_step_randomness, step_seed
 from .resume import plan_resume, restore
@@ -140,7 +140,8 @@ def build(run: Run, resume) -> None:
     run.alignment = setup_alignment(cfg, run.model, run.dataset, env.device)  # REPA: encoders, projectors on the model
     run.shapes = {k: tuple(v.shape) for k, v in run.model.state_dict().items()}
     run.train_model = parallelize_dit(run.model, run.options, env, run.precision)  # zero2 / fsdp: sharded in place
-    run.opt = build_optimizer(run.model, cfg.optim.lr, env.device, cfg.optim.adam_beta2, cfg.optim.optimizer_impl)
+    run.opt = build_optimizer(run.model, cfg.optim.lr, env.device, cfg.optim.adam_beta2, cfg.optim.optimizer_impl,
+                              cfg.optim.optimizer)
     if cfg.objective.cosine_loss and run.space.channels == 1:
         raise UserError(f"--cosine_loss on {cfg.data.dataset} ({run.space.channels} channel): {ONE_CHANNEL_COSINE}")
 
@@ -201,9 +202,10 @@ def train_loop(run: Run, progress: "Progress", bad: BadImages, stop: StopRequest
             batch = StepBatch(x, y, draws.t, draws.drop if class_dropout > 0 else None, draws.noise, features)
             lr = learning_rate(state.global_step, lr=cfg.optim.lr, schedule=cfg.optim.lr_schedule,
                                warmup=cfg.optim.warmup_steps, total=run.total_steps)
+            ema_decay = ema_decay_at(state.global_step + 1, cfg.optim.ema_decay, cfg.optim.ema_std)
             result = train_step(run.train_model, run.model, run.opt, run.objective, batch, lr=lr,
                                 grad_clip=cfg.optim.grad_clip, precision=run.precision, ema=run.ema,
-                                ema_decay=cfg.optim.ema_decay, env=env, stop=stop,
+                                ema_decay=ema_decay, env=env, stop=stop,
                                 aux_losses=(alignment.loss,) if alignment else (), step_number=state.global_step + 1)
             progress.record(result, state)  # a device-guarded step's flags: read at the next step
             state.advance(run.global_batch)
@@ -262,6 +264,11 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
     if given is not None and cfg.objective.time_sampling != "logit_normal":
         if unused := [k for k in ("time_mean", "time_std") if k in given]:
             raise UserError(f"--{unused[0]} sets the logit-normal t; add --time_sampling logit_normal")
+    if given is not None and cfg.optim.optimizer == "muon" and "optimizer_impl" in given:
+        raise UserError("--optimizer_impl chooses AdamW's kernels; --optimizer muon has one implementation")
+    if given is not None and cfg.optim.ema_std is not None and "ema_decay" in given:
+        raise UserError("--ema_decay and --ema_std are two EMA profiles (a constant decay, the power function); "
+                        "give one")
 
 
 def load_data(cfg: TrainConfig, global_batch: int, device, resume) -> tuple[object, Space]:
