@@ -330,7 +330,7 @@ def test_digits_demo_recipe_is_dpm_solver_20():
     close(got, dpm_solver_2m(m, z, y, 8, 1.5), tol=5e-4)
 
 
-@pytest.mark.parametrize("name", ["digits-flow.toml", "digits-repa.toml", "digits-lightning.toml"])
+@pytest.mark.parametrize("name", ["digits-flow.toml", "digits-repa.toml", "digits-lightning.toml", "digits-fast.toml"])
 def test_digits_flow_recipes_are_heun_on_11_points(name):
     settings, _, objective = recipe(name)
     assert (settings["sampler"], settings["steps"], settings["sampling_method"], settings["cfg_scale"],
@@ -360,7 +360,7 @@ def test_meanflow_recipes_are_the_released_settings_sampled_in_one_call_at_guida
 def test_every_shipped_recipe_has_a_pinned_sampler():
     pinned = {"dit-xl-2-imagenet256.toml", "sit-xl-2-imagenet256.toml", "repa-sit-xl-2-imagenet256.toml",
               "lightningdit-xl-1-imagenet256.toml", "digits-demo.toml", "digits-flow.toml", "digits-repa.toml",
-              "digits-lightning.toml", "meanflow-xl-2-imagenet256.toml", "digits-meanflow.toml"}
+              "digits-lightning.toml", "meanflow-xl-2-imagenet256.toml", "digits-meanflow.toml", "digits-fast.toml"}
     assert set(os.listdir(os.path.join(REPO, "recipes"))) == pinned
 
 

@@ -129,7 +129,7 @@ class OptimSettings:
     grad_clip: float = setting(1.0, "max global gradient norm; 0 = off", type=NONNEG_FLOAT, resume=CHANGE)
     ema_decay: float = setting(0.9999, "", type=UNIT_FLOAT, resume=CHANGE)
     ema_std: float | None = setting(
-        None, "EDM2's power-function EMA instead of --ema_decay: the averaging profile's width as a fraction of the "
+        None, "EDM2's power-function EMA, replacing --ema_decay: the averaging profile's width as a fraction of the "
               "steps so far (relative std; EDM2: 0.05, 0.10), so it fits any run length; decay (1 - 1/k)^(gamma+1) "
               "after step k", type=float_flag(0.0, 12 ** -0.5, lo_open=True), resume=CHANGE)
     max_bad_steps: int = setting(10, "stop after this many steps in a row with a non-finite loss or gradient norm "

@@ -266,9 +266,6 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
             raise UserError(f"--{unused[0]} sets the logit-normal t; add --time_sampling logit_normal")
     if given is not None and cfg.optim.optimizer == "muon" and "optimizer_impl" in given:
         raise UserError("--optimizer_impl chooses AdamW's kernels; --optimizer muon has one implementation")
-    if given is not None and cfg.optim.ema_std is not None and "ema_decay" in given:
-        raise UserError("--ema_decay and --ema_std are two EMA profiles (a constant decay, the power function); "
-                        "give one")
 
 
 def load_data(cfg: TrainConfig, global_batch: int, device, resume) -> tuple[object, Space]:
@@ -344,6 +341,14 @@ def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state
     return branch, moved
 
 
+def describe_optimization(o) -> str:
+    """The optimizer and the EMA in words (``o``: the run's OptimSettings); --ema_std replaces --ema_decay."""
+    opt = "Muon (blocks' matrices) + AdamW" if o.optimizer == "muon" else "AdamW"
+    ema = (f"power-function EMA, relative std {o.ema_std:g} (not --ema_decay)" if o.ema_std is not None
+           else f"EMA decay {o.ema_decay:g}")
+    return f"{opt}, lr {o.lr:g} ({o.lr_schedule}, {o.warmup_steps} warmup steps), beta2 {o.adam_beta2:g}; {ema}"
+
+
 def describe_run(run: Run) -> None:
     cfg, env, model, log = run.cfg, run.env, run.model, run.log
     n_params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith(NOT_AVERAGED))
@@ -354,7 +359,8 @@ def describe_run(run: Run) -> None:
              f"{run.space.describe()}; {cfg.data.dataset}: {len(run.dataset)} images, {run.dataset.num_classes} "
              f"classes; global batch {run.global_batch} ({env.world_size} x {cfg.optim.batch_size}), "
              f"{run.batch_plan.steps_per_epoch} steps/epoch; {cfg.machine.mixed_precision} on {env.device}, plugin "
-             f"{cfg.machine.plugin}; objective {run.objective.describe()}; run dir {run.run_dir}")
+             f"{cfg.machine.plugin}; objective {run.objective.describe()}; {describe_optimization(cfg.optim)}; "
+             f"run dir {run.run_dir}")
     if run.alignment is not None:
         n_proj = sum(p.numel() for p in run.alignment.loss.projectors.parameters())
         log.info(f"{run.alignment.describe()}; projector(s) {n_proj / 1e6:.2f}M parameters (trained, not sampled)")
