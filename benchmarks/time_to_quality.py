@@ -293,10 +293,11 @@ def plot(results: dict, path: str) -> None:
 def write_markdown(results: dict, meta: dict, bench_md: str) -> None:
     body = "\n".join([
         MARK_BEGIN,
-        f"## {meta['date']} — time to quality on digits (issues 14, 15, 16, 30), {meta['device']}, torch {meta['torch']}",
+        f"## {meta['date']} — time to quality on digits (issues 14, 15, 16, 30, 28), {meta['device']}, torch {meta['torch']}",
         "",
         f"`python benchmarks/time_to_quality.py` — every recipe trains DiT-N/2 on the 1,797 bundled digits with the "
-        f"demo's budget (batch 128, lr 2e-3 cosine, 100 warmup steps, EMA 0.995, seed 0, {meta['steps']} steps, fp32); "
+        f"demo's budget (batch 128, lr 2e-3 cosine, 100 warmup steps, EMA 0.995, seed 0, {meta['steps']} steps, fp32; "
+        f"the 500-step rows: their own cosine ending at 500, scored every 125 steps); "
         f"every {meta['eval_every']} steps the EMA draws 500 samples with 20 model evaluations (diffusion: "
         f"DPM-Solver++ 20 steps; flow: Heun, 11-point grid) at guidance 1.0 and 1.5, scored by the digits classifier. "
         f"Cells: first evaluated step (and training seconds on this machine) at which the level holds; rows trained on "

@@ -52,6 +52,19 @@ def test_the_update_equals_torchs_muon_and_adamw():
     assert not any(n.startswith(("x_embedder", "t_embedder", "y_embedder", "final_layer")) for n in muon_names)
 
 
+def test_which_parameters_muon_updates():
+    """The blocks' 2-D matrices; not REPA's projectors, MeanFlow's second time embedder, the other embedders, the
+    final layer, biases or gains."""
+    yes = ["blocks.0.attn.qkv.weight", "blocks.3.mlp.w12.weight", "blocks.1.adaLN_modulation.1.weight",
+           "blocks.0._checkpoint_wrapped_module.mlp.fc1.weight"]
+    no = ["projectors.0.0.weight", "h_embedder.mlp.0.weight", "t_embedder.mlp.2.weight",
+          "y_embedder.embedding_table.weight", "final_layer.linear.weight", "blocks.0.attn.qkv.bias",
+          "blocks.0.norm1.weight"]
+    assert all(muon_parameter(n, torch.zeros(4, 4)) for n in yes)
+    assert not any(muon_parameter(n, torch.zeros(4, 4) if "bias" not in n and "norm" not in n else torch.zeros(4))
+                   for n in no)
+
+
 def test_newton_schulz_approximately_orthogonalizes():
     g = torch.Generator().manual_seed(0)
     for shape in ((16, 48), (48, 16)):
@@ -87,18 +100,24 @@ def test_a_state_dict_round_trip_continues_identically():
 def test_two_processes_match_one_under_each_plugin(tmp_path):
     """Muon on sharded parameters gathers each matrix: zero2 and fsdp on 2 processes log the losses of one process
     (the same global batch), as ddp does."""
-    common = [*TINY, "--optimizer", "muon", "--max_steps", "6", "--log_every", "1", "--ckpt_every", "3",
-              "--ckpt_keep", "0"]
+    from opendit.checkpoint import list_checkpoints, load_checkpoint
+
+    common = [*TINY, "--optimizer", "muon", "--ema_std", "0.1", "--max_steps", "6", "--log_every", "1",
+              "--ckpt_every", "3", "--ckpt_keep", "0"]
     one = run_train(*common, "--batch_size", "32", "--outputs", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
     ref = {s: m["loss"] for s, m in read_metrics(only_run_dir(tmp_path / "one")).items()}
     assert sorted(ref) == list(range(1, 7))
+    ref_ema = load_checkpoint(list_checkpoints(only_run_dir(tmp_path / "one"))[-1])["ema"]
     for plugin in ("ddp", "zero2", "fsdp"):
         r = run_train(*common, "--batch_size", "16", "--plugin", plugin, "--outputs", str(tmp_path / plugin), nproc=2)
         assert r.returncode == 0, r.stderr[-3000:]
         got = {s: m["loss"] for s, m in read_metrics(only_run_dir(tmp_path / plugin)).items()}
         for s in ref:  # fp32 gradients; the bf16 orthogonalization sees the same matrices up to reduction order
             assert got[s] == pytest.approx(ref[s], rel=1e-4), (plugin, s)
+        ema = load_checkpoint(list_checkpoints(only_run_dir(tmp_path / plugin))[-1])["ema"]
+        for k in ref_ema:  # the power-function EMA of the sharded weights is the 1-process one
+            torch.testing.assert_close(ema[k], ref_ema[k], rtol=1e-3, atol=1e-5, msg=(plugin, k))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -111,3 +130,29 @@ def test_bad_optimizer_and_ema_input_is_one_line_and_exit_2(argv, message, tmp_p
     r = run_train(*TINY, "--max_steps", "1", "--batch_size", "8", "--outputs", str(tmp_path), *argv)
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not os.path.exists(tmp_path) or not os.listdir(tmp_path)
+
+
+def test_a_muon_run_with_the_power_ema_resumes_exactly(tmp_path):
+    """6 steps straight, and 3 + 3 resumed from the step-3 checkpoint (Muon's momentum, AdamW's moments and the
+    power-function EMA come back): the same losses, weights and EMA bit for bit."""
+    import shutil
+
+    from opendit.checkpoint import list_checkpoints, load_checkpoint
+
+    common = [*TINY, "--optimizer", "muon", "--ema_std", "0.1", "--batch_size", "32", "--log_every", "1",
+              "--max_steps", "6", "--ckpt_keep", "0"]
+    full = run_train(*common, "--ckpt_every", "3", "--outputs", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    ckpts = list_checkpoints(only_run_dir(tmp_path / "full"))
+    part = tmp_path / "part" / "000-DiT-N-2"
+    part.mkdir(parents=True)
+    shutil.copytree(ckpts[0], part / os.path.basename(ckpts[0]))
+    resumed = run_train(*common, "--ckpt_every", "100", "--load", str(part), "--outputs", str(tmp_path / "unused"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    m_full, m_res = read_metrics(only_run_dir(tmp_path / "full")), read_metrics(str(part))
+    assert sorted(m_res) == [4, 5, 6]
+    for s in m_res:
+        assert m_res[s]["loss"] == m_full[s]["loss"], s
+    a, b = load_checkpoint(ckpts[-1]), load_checkpoint(list_checkpoints(str(part))[-1])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
