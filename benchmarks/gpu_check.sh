@@ -34,4 +34,7 @@ timeout 120 $PY benchmarks/repa_cost.py --model DiT-XL/2 --image_size 256 --batc
 echo "== issue 27: MeanFlow's step (JVP through the Triton attention kernel) against a flow step, DiT-XL/2 @256 latents"
 timeout 240 $PY benchmarks/meanflow_step.py --model DiT-XL/2 --image_size 32 --channels 4 --batch 64 --device cuda \
     --steps 5 --repeats 2 2>&1 | tee "$OUT/meanflow_step.log"
+echo "== issue 28: the fast recipe's step (flow + LightningDiT blocks, Muon) against the DiT recipe's, DiT-XL/2 latents"
+timeout 180 $PY benchmarks/fast_recipe_step.py --model DiT-XL/2 --image_size 32 --channels 4 --batch 64 --device cuda \
+    --steps 5 --repeats 2 2>&1 | tee "$OUT/fast_recipe_step.log"
 cp BENCHMARKS.md "$OUT/" 2>/dev/null || true
