@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     best = best_seconds(setups, args.steps, args.repeats, device)
     ref = next(iter(ROWS))
     print(f"{args.model}, {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, {device}")
-    print("| recipe | s / step | x DiT recipe's step | steps | training time x the DiT recipe's |\n|---|---|---|---|---|")
+    print("| recipe | s / step | x DiT recipe's step | steps | training time x the DiT recipe's |")
+    print("|---|---|---|---|---|")
     for name, sec in best.items():
         steps = ROWS[name][3]
         print(f"| {name} | {sec:.4f} | {sec / best[ref]:.2f} | {steps} | "

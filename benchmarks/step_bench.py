@@ -42,10 +42,10 @@ def setup(settings: dict, args, device, blocks: dict | None = None, optimizer: s
     opt = build_optimizer(model, 1e-4, device, name=optimizer)
     g = torch.Generator().manual_seed(0)
     n = args.batch
-    batch = StepBatch(torch.randn(n, args.channels, args.image_size, args.image_size, generator=g).to(device),
-                      torch.randint(0, 10, (n,), generator=g).to(device),
-                      objective.sample_timesteps(n, generator=g).to(device), torch.rand(n, generator=g).to(device) < 0.1,
-                      torch.randn(n, args.channels, args.image_size, args.image_size, generator=g).to(device))
+    shape = (n, args.channels, args.image_size, args.image_size)
+    batch = StepBatch(torch.randn(shape, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device),
+                      objective.sample_timesteps(n, generator=g).to(device),
+                      torch.rand(n, generator=g).to(device) < 0.1, torch.randn(shape, generator=g).to(device))
     precision = Precision("bf16" if cuda else "fp32", device)
     return dict(train_model=train_model, model=model, opt=opt, objective=objective, batch=batch, ema=EMA(model),
                 precision=precision)

@@ -294,7 +294,8 @@ def plot(results: dict, path: str) -> None:
 def write_markdown(results: dict, meta: dict, bench_md: str) -> None:
     body = "\n".join([
         MARK_BEGIN,
-        f"## {meta['date']} — time to quality on digits (issues 14, 15, 16, 30, 28), {meta['device']}, torch {meta['torch']}",
+        f"## {meta['date']} — time to quality on digits (issues 14, 15, 16, 30, 28), {meta['device']}, "
+        f"torch {meta['torch']}",
         "",
         f"`python benchmarks/time_to_quality.py` — every recipe trains DiT-N/2 on the 1,797 bundled digits with the "
         f"demo's budget (batch 128, lr 2e-3 cosine, 100 warmup steps, EMA 0.995, seed 0, {meta['steps']} steps, fp32; "
