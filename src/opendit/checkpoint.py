@@ -415,10 +415,14 @@ def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str,
     """(state dict, the weights file it came from, the run's config.json or None) for every checkpoint people have: a
     bare state dict (.pt, e.g. the published DiT-XL-2-256x256.pt), our ema.pt, a .safetensors file, a checkpoint's
     model/ folder, a checkpoint directory or a run directory (EMA unless ``use_model_weights``); or the name of a
-    published checkpoint (``opendit.published``: fetched into the hub cache). REPA's release layout comes back in ours
-    (``opendit.published.from_repa_layout``)."""
+    published checkpoint (``opendit.published``: fetched into the hub cache), or ``hf://OWNER/NAME[@REVISION][/FILE]``
+    (``opendit.hf_hub``; an ``opendit export`` folder: its model.safetensors, with its config.json as the run's). REPA's
+    release layout comes back in ours (``opendit.published.from_repa_layout``)."""
+    from .hf_hub import is_hf_uri, resolve_hf
     from .published import PUBLISHED, fetch_published, unknown_name_hint
 
+    if is_hf_uri(path):  # hf://OWNER/NAME[@REVISION][/FILE]: the Hub cache's copy (an exported run loads like the run)
+        path = resolve_hf(path)
     if not os.path.exists(path):
         if path not in PUBLISHED:
             raise UserError(f"--ckpt {path}: no such file or directory{unknown_name_hint(path)}")

@@ -1,6 +1,6 @@
 """The ``opendit`` command (also ``python -m opendit``): ``opendit models`` lists the model configs and the published
 checkpoints ``--ckpt`` takes by name; ``opendit train|
-sample|sample-ddp|score-digits|extract-features|eval|convert|run`` run the programs of scripts/dit/ under one name."""
+sample|sample-ddp|score-digits|extract-features|eval|convert|export|run`` run the programs of scripts/dit/ under one name."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ PROGRAMS = {
     "extract-features": ("opendit.cli.extract_features", "VAE posteriors of a data set for --dataset latents"),
     "eval": ("opendit.cli.evaluate", "FID / IS / KID of samples against a reference (scripts/dit/evaluate.py)"),
     "convert": ("opendit.cli.convert", "convert weights between opendit, published .pt, .safetensors and diffusers"),
+    "export": ("opendit.cli.export", "a run as a Hugging Face Hub model folder (weights, config, model card)"),
     "run": ("opendit.cli.launch", "torchrun a script on every host of a hostfile, over ssh"),
 }
 

@@ -1,0 +1,55 @@
+"""Checkpoints on the Hugging Face Hub: ``--ckpt hf://OWNER/NAME[@REVISION][/FILE]``.
+
+The repository (or one FILE of it) is fetched with ``huggingface_hub`` (the optional extra ``opendit[hub]``) into its
+own cache (``$HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``) and loaded from there like a local path: an
+exported run (``opendit export``: model.safetensors + config.json) loads exactly like the run it came from. Offline
+mode is honoured (``HF_HUB_OFFLINE=1`` or ``OPENDIT_OFFLINE=1``: the cache only). Whatever cannot be had is one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import UserError, reason
+
+PREFIX = "hf://"
+# OWNER/NAME, then @REVISION (a branch, tag or commit; no "/"), then /FILE (a path inside the repository)
+_URI = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?(?:/(?P<file>.+))?$")
+
+
+def is_hf_uri(path: str) -> bool:
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(repo id, revision or None, file or None) of ``hf://OWNER/NAME[@REVISION][/FILE]``."""
+    m = _URI.match(uri)
+    if not m:
+        raise UserError(f"--ckpt {uri}: not a Hub address; write hf://OWNER/NAME, hf://OWNER/NAME@REVISION or "
+                        f"hf://OWNER/NAME/FILE")
+    return m["repo"], m["rev"], m["file"]
+
+
+def offline() -> bool:
+    on = ("1", "true", "yes", "on")
+    return any(os.environ.get(k, "").lower() in on for k in ("HF_HUB_OFFLINE", "OPENDIT_OFFLINE"))
+
+
+def resolve_hf(uri: str) -> str:
+    """The local path of ``uri`` in the Hub cache (a folder, or the file named), downloading it unless offline."""
+    repo, revision, file = parse_hf_uri(uri)
+    try:
+        import huggingface_hub as hub
+    except ImportError:
+        raise UserError(f"--ckpt {uri}: reading from the Hub needs huggingface_hub (pip install 'opendit[hub]')"
+                        ) from None
+    local_only = offline()
+    cache = os.environ.get("HF_HUB_CACHE") or None  # read now: huggingface_hub reads it once, at its import
+    try:
+        if file:
+            return hub.hf_hub_download(repo, file, revision=revision, local_files_only=local_only, cache_dir=cache)
+        return hub.snapshot_download(repo, revision=revision, local_files_only=local_only, cache_dir=cache)
+    except Exception as e:  # not cached offline, no network, unknown repo / revision / file, no access
+        where = "is not in the Hub cache and offline mode is on" if local_only else "cannot be fetched"
+        raise UserError(f"--ckpt {uri}: {where} ({reason(e)})") from None

@@ -1,0 +1,119 @@
+"""`opendit export` and `--ckpt hf://OWNER/NAME`: a digits run exported, placed in a Hub cache the way
+huggingface_hub lays one out, loads offline through every program that takes a checkpoint and draws the run's
+images; the model card; bad input."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import TINY, only_run_dir, run_in_process, run_train
+from opendit.checkpoint import list_checkpoints
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = run_train(*TINY, "--batch_size", "16", "--max_steps", "3", "--ckpt_every", "3", "--final_samples", "2",
+                  "--final_cfg_scale", "1.5", "--outputs", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return only_run_dir(out)
+
+
+def export(run_dir, dst, *extra):
+    return run_in_process("opendit.cli.export", [str(run_dir), str(dst), "--repo", "me/digits", *extra])
+
+
+def hub_cache(root, export_dir, repo="me/digits"):
+    """huggingface_hub's cache layout: models--OWNER--NAME/{refs/main, snapshots/REVISION/<files>}."""
+    base = root / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(export_dir, base / "snapshots" / REVISION)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(REVISION)
+    return root
+
+
+def test_the_export_holds_the_runs_ema_config_and_card(run_dir, tmp_path):
+    r = export(run_dir, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["README.md", "config.json", "model.safetensors", "samples.png"]
+    ema = torch.load(os.path.join(list_checkpoints(run_dir)[-1], "ema.pt"), weights_only=True)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got.keys() == ema.keys() and all(torch.equal(got[k], ema[k]) for k in ema)
+    cfg = json.load(open(tmp_path / "out" / "config.json"))
+    run_cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert {k: cfg[k] for k in run_cfg} == run_cfg  # every training setting, unchanged
+    rec = cfg["opendit_export"]
+    assert rec["architecture"]["name"] == "DiT-N/2" and rec["architecture"]["depth"] == 4
+    assert rec["objective"]["objective"] == "diffusion" and rec["step"] == 3 and rec["weights"] == "ema"
+    assert rec["class_names"] == [str(i) for i in range(10)] and rec["input"]["image_size"] == 8
+    card = open(tmp_path / "out" / "README.md").read()
+    assert card.startswith("---\nlibrary_name: opendit\n") and "\n---\n" in card  # the Hub's metadata header
+    assert "![samples](samples.png)" in card and "--ckpt hf://me/digits" in card and "3 steps" in card
+
+
+def test_an_exported_run_loads_offline_from_the_hub_cache_in_every_program(run_dir, tmp_path):
+    assert export(run_dir, tmp_path / "out").returncode == 0
+    env = {"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub", tmp_path / "out")), "HF_HUB_OFFLINE": "1"}
+    grid_args = ["--labels", "1,7", "--num_sampling_steps", "5", "--seed", "3", "--device", "cpu"]
+    grids = {}
+    for name, ckpt in (("run", str(run_dir)), ("hub", "hf://me/digits"), ("rev", f"hf://me/digits@{REVISION}"),
+                       ("file", "hf://me/digits/model.safetensors")):
+        out = tmp_path / f"{name}.png"
+        r = run_in_process("opendit.cli.sample", ["--ckpt", ckpt, *grid_args, "--out", str(out)], env_extra=env)
+        assert r.returncode == 0, (name, r.stderr)
+        grids[name] = np.asarray(Image.open(out))
+    for name in ("hub", "rev", "file"):
+        assert np.array_equal(grids[name], grids["run"]), name
+    arrays = {}
+    for name, ckpt in (("run", str(run_dir)), ("hub", "hf://me/digits")):
+        r = run_in_process("opendit.cli.sample_ddp", ["--ckpt", ckpt, "--num_samples", "4", "--per_proc_batch_size",
+                                                       "4", "--num_sampling_steps", "5", "--device", "cpu",
+                                                       "--sample_dir", str(tmp_path / f"ddp-{name}")], env_extra=env)
+        assert r.returncode == 0, (name, r.stderr)
+        arrays[name] = np.load(str(tmp_path / f"ddp-{name}") + ".npz")["arr_0"]
+    assert np.array_equal(arrays["hub"], arrays["run"])
+    r = run_in_process("opendit.cli.convert", ["hf://me/digits", str(tmp_path / "c.safetensors")], env_extra=env)
+    assert r.returncode == 0, r.stderr
+    ema = torch.load(os.path.join(list_checkpoints(run_dir)[-1], "ema.pt"), weights_only=True)
+    got = load_file(tmp_path / "c.safetensors")
+    assert all(torch.equal(got[k], ema[k]) for k in ema)
+
+
+@pytest.mark.parametrize("ckpt,message", [
+    ("hf://me/unknown", "is not in the Hub cache and offline mode is on"),
+    ("hf://me/digits@nosuchbranch", "is not in the Hub cache and offline mode is on"),
+    ("hf://me/digits/nosuchfile.pt", "is not in the Hub cache and offline mode is on"),
+    ("hf://just-a-name", "not a Hub address"),
+])
+def test_what_the_hub_cache_cannot_give_is_one_line(run_dir, tmp_path, ckpt, message):
+    assert export(run_dir, tmp_path / "out").returncode == 0
+    env = {"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub", tmp_path / "out")), "HF_HUB_OFFLINE": "1"}
+    r = run_in_process("opendit.cli.sample", ["--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path / "g.png")],
+                       env_extra=env)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_bad_exports_are_one_line_and_leave_nothing(run_dir, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    r = export(run_dir, taken)
+    assert r.returncode == 2 and "--force" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert os.listdir(taken) == ["keep.txt"]
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(os.path.join(list_checkpoints(run_dir)[-1], "ema.pt"), weights_only=True), bare)
+    r = export(bare, tmp_path / "out")
+    assert r.returncode == 2 and "opendit convert" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() and not [f for f in os.listdir(tmp_path) if "export-tmp" in f]
+    r = export(tmp_path / "nothing", tmp_path / "out2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
