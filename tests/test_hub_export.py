@@ -1,10 +1,14 @@
 """`opendit export` and `--ckpt hf://OWNER/NAME`: a digits run exported, placed in a Hub cache the way
 huggingface_hub lays one out, loads offline through every program that takes a checkpoint and draws the run's
-images; the model card; bad input."""
+images; the same fetched from a local Hub server on 127.0.0.1 into an empty cache; the model card; bad input."""
 
+import hashlib
+import http.server
 import json
 import os
 import shutil
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -12,10 +16,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import TINY, only_run_dir, run_in_process, run_train
+from helpers import REPO, TINY, only_run_dir, run, run_in_process, run_train
 from opendit.checkpoint import list_checkpoints
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
+SAMPLE = os.path.join(REPO, "scripts", "dit", "sample_dit.py")
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +122,73 @@ def test_bad_exports_are_one_line_and_leave_nothing(run_dir, tmp_path):
     assert not (tmp_path / "out").exists() and not [f for f in os.listdir(tmp_path) if "export-tmp" in f]
     r = export(tmp_path / "nothing", tmp_path / "out2")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """The part of the Hub's HTTP API huggingface_hub's downloads use: a repository's revision, its file tree, and
+    each file under /OWNER/NAME/resolve/REVISION/FILE (with the commit and ETag headers), for one folder."""
+
+    root = ""
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def do_GET(self):
+        self._answer(body=True)
+
+    def _send(self, data: bytes, body: bool, **headers):
+        self.send_response(200)
+        for k, v in {"Content-Length": str(len(data)), **headers}.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def _answer(self, body: bool):
+        path, files = self.path.split("?")[0], sorted(os.listdir(self.root))
+        if path.startswith("/api/models/me/digits/tree/"):
+            tree = [{"type": "file", "path": f, "size": os.path.getsize(os.path.join(self.root, f)),
+                     "oid": hashlib.sha1(open(os.path.join(self.root, f), "rb").read()).hexdigest()} for f in files]
+            return self._send(json.dumps(tree).encode(), body, Content_Type="application/json")
+        if path.startswith("/api/models/me/digits/revision/"):
+            info = {"id": "me/digits", "sha": REVISION, "siblings": [{"rfilename": f} for f in files]}
+            return self._send(json.dumps(info).encode(), body, Content_Type="application/json")
+        parts = path.strip("/").split("/")
+        if parts[:3] == ["me", "digits", "resolve"] and len(parts) == 5 and parts[4] in files:
+            data = open(os.path.join(self.root, parts[4]), "rb").read()
+            return self._send(data, body, ETag=f'"{hashlib.sha256(data).hexdigest()}"', X_Repo_Commit=REVISION)
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture()
+def local_hub(run_dir, tmp_path):
+    """A Hub on 127.0.0.1 serving the run's export as me/digits."""
+    assert export(run_dir, tmp_path / "served").returncode == 0
+    handler = type("Handler", (_HubHandler,), {"root": str(tmp_path / "served")})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_hf_addresses_download_from_a_hub_into_its_cache(run_dir, local_hub, tmp_path):
+    """The network path, against a local server (no real Hub): a fresh process, online, fetches the repository into
+    an empty cache and draws the run's grid; an unknown repository is one line."""
+    env = {"HF_ENDPOINT": local_hub, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0",
+           "OPENDIT_OFFLINE": "", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    args = ["--labels", "1,7", "--num_sampling_steps", "5", "--seed", "3", "--device", "cpu"]
+    assert run_in_process("opendit.cli.sample", ["--ckpt", str(run_dir), *args, "--out", str(tmp_path / "run.png")]
+                          ).returncode == 0
+    r = run([sys.executable, SAMPLE, "--ckpt", "hf://me/digits", *args, "--out", str(tmp_path / "hub.png")],
+            env_extra=env, process=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "hub.png")), np.asarray(Image.open(tmp_path / "run.png")))
+    assert (tmp_path / "cache" / "models--me--digits" / "snapshots" / REVISION / "model.safetensors").is_file()
+    r = run([sys.executable, SAMPLE, "--ckpt", "hf://me/other", *args, "--out", str(tmp_path / "no.png")],
+            env_extra=env, process=True)
+    assert r.returncode == 2 and "hf://me/other: cannot be fetched" in r.stderr and r.stderr.count("\n") == 1, r.stderr

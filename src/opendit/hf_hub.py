@@ -45,11 +45,11 @@ def resolve_hf(uri: str) -> str:
         raise UserError(f"--ckpt {uri}: reading from the Hub needs huggingface_hub (pip install 'opendit[hub]')"
                         ) from None
     local_only = offline()
-    cache = os.environ.get("HF_HUB_CACHE") or None  # read now: huggingface_hub reads it once, at its import
+    # read now: huggingface_hub reads these once, at its import
+    kw = dict(revision=revision, local_files_only=local_only, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+              endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
-        if file:
-            return hub.hf_hub_download(repo, file, revision=revision, local_files_only=local_only, cache_dir=cache)
-        return hub.snapshot_download(repo, revision=revision, local_files_only=local_only, cache_dir=cache)
+        return hub.hf_hub_download(repo, file, **kw) if file else hub.snapshot_download(repo, **kw)
     except Exception as e:  # not cached offline, no network, unknown repo / revision / file, no access
         where = "is not in the Hub cache and offline mode is on" if local_only else "cannot be fetched"
         raise UserError(f"--ckpt {uri}: {where} ({reason(e)})") from None
