@@ -1,6 +1,7 @@
 """opendit eval: FID / IS against direct formulas, the TF1 resize against a naive loop, the Inception network's layout,
 and the command line end to end with the digits classifier as the feature extractor."""
 
+import io
 import json
 import os
 
@@ -252,3 +253,20 @@ def test_fid_during_training_matches_opendit_eval_of_the_same_samples(tmp_path, 
     # the logged number is opendit eval's on the kept samples, against all real digits (the training set)
     assert evaluate.main([samples, "digits", "--features", "digits"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"] == pytest.approx(m[10]["fid"], rel=1e-6)
+    # the grid of each evaluation: eval/stepS.png, the first 8 samples of each class from the .npz, one row per class,
+    # and the same image in TensorBoard
+    from opendit.images import labelled_grid
+
+    with np.load(samples) as d:
+        first = np.concatenate([d["arr_0"][d["arr_1"] == c][:8] for c in range(10)])
+    want = np.asarray(labelled_grid(torch.from_numpy(first).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
+                                    np.repeat(np.arange(10), 8).tolist(), [str(c) for c in range(10)]))
+    png = np.asarray(Image.open(os.path.join(run_dir, "eval", "step0000010.png")).convert("RGB"))
+    assert np.array_equal(png, want)
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = ea.EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    events = acc.Images("eval/samples")
+    assert [e.step for e in events] == [5, 10]
+    shown = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("RGB"))
+    assert np.array_equal(shown, want)

@@ -9,7 +9,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import UserError
-from ..images import to_uint8
+from ..images import labelled_grid, save_image_atomic, to_uint8
 from ..sampling.generate import generate, quick_sampler
 from .features import ImageSource, build_extractor, extract
 from .scores import feature_stats, fid_from, save_stats
@@ -19,11 +19,16 @@ class PeriodicFID:
     """FID of EMA samples during training (rank 0): ``num_samples`` samples with labels i mod num_classes from fixed
     noise (the same at every evaluation), 20 model evaluations (DPM-Solver++ 20 steps, or Heun for a flow), against
     a reference computed once (or given). The
-    samples are kept as ``run_dir/eval/step{S}.npz`` and the reference statistics as ``eval/reference_stats.npz``."""
+    samples are kept as ``run_dir/eval/step{S}.npz`` and the reference statistics as ``eval/reference_stats.npz``; a
+    labelled grid of the first ``GRID_PER_CLASS`` samples of each class as ``eval/step{S}.png`` (also the
+    ``grid`` attribute after a call, for TensorBoard)."""
+
+    GRID_PER_CLASS = 8
 
     def __init__(self, *, features: str, inception: str | None, reference: str | None, dataset, run_dir: str,
                  num_samples: int, cfg_scale: float, seed: int, device, reference_images: int = 10_000,
-                 batch_size: int = 64):
+                 batch_size: int = 64, class_names=None):
+        self.class_names, self.grid = list(class_names) if class_names else None, None
         self.extractor = build_extractor(features, inception, device)
         self.name = getattr(self.extractor, "name", features)
         self.dir = os.path.join(run_dir, "eval")
@@ -73,5 +78,15 @@ class PeriodicFID:
         path = os.path.join(self.dir, f"step{step:07d}.npz")
         with atomic_path(path) as tmp:
             np.savez(tmp, arr_0=arr, arr_1=labels.cpu().numpy())
+        self.grid = self._grid(arr, labels.cpu().numpy(), num_classes)
+        save_image_atomic(self.grid, os.path.join(self.dir, f"step{step:07d}.png"))
         feats, _ = extract(ImageSource.from_array(arr, "samples"), self.extractor, self.batch_size, "eval samples")
         return fid_from(feats, reference_stats=self.stats)
+
+    def _grid(self, arr: np.ndarray, labels: np.ndarray, num_classes: int):
+        """The first GRID_PER_CLASS samples of each class (labels i mod classes: the first ones in order), one row
+        per class."""
+        keep = np.arange(min(len(arr), self.GRID_PER_CLASS * num_classes))
+        order = keep[np.argsort(labels[keep], kind="stable")]
+        images = torch.from_numpy(arr[order]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # back to [-1, 1], exactly
+        return labelled_grid(images, labels[order].tolist(), self.class_names or [str(i) for i in range(num_classes)])

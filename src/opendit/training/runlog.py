@@ -1,4 +1,5 @@
-"""The run directory (``outputs/NNN-<model>``) and its log: log.txt and stdout, metrics.jsonl, TensorBoard scalars."""
+"""The run directory (``outputs/NNN-<model>``) and its log: log.txt and stdout, metrics.jsonl, TensorBoard scalars and
+the periodic sample grids."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import time
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UserError
@@ -56,6 +58,11 @@ class RunLog:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"train/{k}", v, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image in TensorBoard (when installed), e.g. the sample grid of a periodic evaluation."""
+        if self.run_dir is not None and self.tb is not None:
+            self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         if self.tb is not None:

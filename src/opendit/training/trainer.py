@@ -544,7 +544,8 @@ def fid_evaluator(cfg: TrainConfig, dataset, run_dir: str, env):
         ("digits" if cfg.data.dataset == "digits" else "inception")
     return distributed.on_rank0(lambda: PeriodicFID(
         features=features, inception=ev.inception, reference=ev.eval_reference, dataset=dataset, run_dir=run_dir,
-        num_samples=ev.eval_samples, cfg_scale=ev.eval_cfg_scale, seed=cfg.optim.global_seed, device=env.device), env)
+        num_samples=ev.eval_samples, cfg_scale=ev.eval_cfg_scale, seed=cfg.optim.global_seed, device=env.device,
+        class_names=dataset.class_names), env)
 
 
 def evaluate_fid(evaluator, run: Run, step: int) -> None:
@@ -555,6 +556,7 @@ def evaluate_fid(evaluator, run: Run, step: int) -> None:
         fid = evaluator(step, model, run.space, num_classes=run.dataset.num_classes, device=env.device,
                         precision=run.precision, objective=run.objective)
         run.log.metrics(step, {"fid": fid})
+        run.log.image("eval/samples", evaluator.grid, step)  # also eval/step{S}.png
         run.log.info(f"step {step}: FID {fid:.3f} ({evaluator.name} features, {ev.eval_samples} EMA samples, cfg "
                      f"{ev.eval_cfg_scale}; {time.perf_counter() - t0:.1f} s)")
     distributed.barrier(env)
