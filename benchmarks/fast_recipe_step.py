@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from step_bench import add_shape_flags, best_seconds, setup  # noqa: E402
+from step_bench import add_flags, best_seconds, setup  # noqa: E402
 
 LIGHTNING = dict(use_rmsnorm=True, use_swiglu=True, use_rope=True)
 FLOW = {"objective": "flow", "time_sampling": "logit_normal"}
@@ -32,9 +32,7 @@ ROWS = {"DiT recipe (diffusion, DiT blocks, AdamW)": ({"objective": "diffusion"}
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_shape_flags(ap)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
+    add_flags(ap, steps=20, repeats=5)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     setups = {name: setup(settings, args, device, blocks, optimizer)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from step_bench import add_shape_flags, best_seconds, setup  # noqa: E402
+from step_bench import add_flags, best_seconds, setup  # noqa: E402
 
 ROWS = {"flow": {"objective": "flow"},
         "meanflow, no guidance trained in": {"objective": "meanflow", "omega": 1.0, "kappa": 0.0},
@@ -28,9 +28,7 @@ ROWS = {"flow": {"objective": "flow"},
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_shape_flags(ap)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_flags(ap, steps=10, repeats=3)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     best = best_seconds({name: setup(ROWS[name], args, device) for name in ROWS}, args.steps, args.repeats, device)

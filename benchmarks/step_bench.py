@@ -21,12 +21,15 @@ from opendit.training.optim import build_optimizer  # noqa: E402
 from opendit.training.step import StepBatch, train_step  # noqa: E402
 
 
-def add_shape_flags(ap) -> None:
+def add_flags(ap, *, steps: int, repeats: int) -> None:
+    """The shapes (the digits demo's by default), the device, and the timing: steps per round, rounds."""
     ap.add_argument("--model", default="DiT-N/2")
     ap.add_argument("--image_size", type=int, default=8)
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--repeats", type=int, default=repeats)
 
 
 def setup(settings: dict, args, device, blocks: dict | None = None, optimizer: str = "adamw") -> dict:

@@ -32,6 +32,14 @@ def run_dir(tmp_path_factory):
     return only_run_dir(out)
 
 
+@pytest.fixture(scope="module")
+def offline_hub(run_dir, tmp_path_factory):
+    """A Hub cache holding the run's export as me/digits (shared by the tests that only read it)."""
+    root = tmp_path_factory.mktemp("hubcache")
+    assert export(run_dir, root / "export").returncode == 0
+    return str(hub_cache(root / "hub", root / "export"))
+
+
 def export(run_dir, dst, *extra):
     return run_in_process("opendit.cli.export", [str(run_dir), str(dst), "--repo", "me/digits", *extra])
 
@@ -99,9 +107,8 @@ def test_an_exported_run_loads_offline_from_the_hub_cache_in_every_program(run_d
     ("hf://me/digits/nosuchfile.pt", "is not in the Hub cache and offline mode is on"),
     ("hf://just-a-name", "not a Hub address"),
 ])
-def test_what_the_hub_cache_cannot_give_is_one_line(run_dir, tmp_path, ckpt, message):
-    assert export(run_dir, tmp_path / "out").returncode == 0
-    env = {"HF_HUB_CACHE": str(hub_cache(tmp_path / "hub", tmp_path / "out")), "HF_HUB_OFFLINE": "1"}
+def test_what_the_hub_cache_cannot_give_is_one_line(offline_hub, tmp_path, ckpt, message):
+    env = {"HF_HUB_CACHE": offline_hub, "HF_HUB_OFFLINE": "1"}
     r = run_in_process("opendit.cli.sample", ["--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path / "g.png")],
                        env_extra=env)
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
@@ -119,9 +126,27 @@ def test_bad_exports_are_one_line_and_leave_nothing(run_dir, tmp_path):
     torch.save(torch.load(os.path.join(list_checkpoints(run_dir)[-1], "ema.pt"), weights_only=True), bare)
     r = export(bare, tmp_path / "out")
     assert r.returncode == 2 and "opendit convert" in r.stderr, r.stderr
-    assert not (tmp_path / "out").exists() and not [f for f in os.listdir(tmp_path) if "export-tmp" in f]
+    assert sorted(os.listdir(tmp_path)) == ["bare.pt", "taken"]  # no output, no temporary folder left
     r = export(tmp_path / "nothing", tmp_path / "out2")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    r = export(run_dir, bare)  # a file where the folder should go
+    assert r.returncode == 2 and "is a file" in r.stderr, r.stderr
+
+
+def test_an_export_that_fails_while_writing_leaves_the_old_folder(run_dir, tmp_path, monkeypatch):
+    from opendit import export as export_module
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "old.txt").write_text("before")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "model_card", broken)  # after the weights and config.json are written
+    with pytest.raises(OSError):
+        export_module.export_run(str(run_dir), str(dst), force=True)
+    assert os.listdir(dst) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 class _HubHandler(http.server.BaseHTTPRequestHandler):

@@ -10,7 +10,7 @@
 
 Uploading is the Hub's own client (``hf upload OWNER/NAME DIR``); ``--ckpt hf://OWNER/NAME`` then loads it in every
 program that takes a checkpoint (opendit.hf_hub). The folder is written beside DIR under a temporary name and moved
-into place when complete: a failed export leaves nothing behind.
+into place when complete (opendit.atomic): a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import shutil
 
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .checkpoint import checkpoint_step, is_checkpoint_dir, load_weights, run_dir_of
 from .errors import UserError
 from .models import config_from_state_dict
@@ -47,7 +48,8 @@ def _scores(run_dir: str, run_cfg: dict) -> list[str]:
     try:
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             fids = [json.loads(line) for line in f if '"fid"' in line]
-        lines += [f"- FID ({r.get('fid_samples', '?')} samples) at step {r['step']}: {r['fid']:.2f}" for r in fids[-3:]]
+        n = run_cfg.get("eval_samples", "?")
+        lines += [f"- FID ({n} EMA samples, `--eval_every`) at step {r['step']}: {r['fid']:.2f}" for r in fids[-3:]]
     except (OSError, json.JSONDecodeError, KeyError):
         pass
     eval_dir = os.path.join(run_dir, "eval")
@@ -104,8 +106,9 @@ def model_card(record: dict, run_cfg: dict, scores: list[str], has_grid: bool, r
         f"{len(record['class_names'])} classes, trained for {record['step']} steps at global batch "
         f"{run_cfg.get('global_batch')} (lr {run_cfg.get('lr')}, {run_cfg.get('lr_schedule')}, "
         f"{run_cfg.get('optimizer', 'adamw')}, seed {run_cfg.get('global_seed')})"
-        + (f" with the recipe `{run_cfg['config']}`" if run_cfg.get("config") else "") + ". The weights are the EMA "
-        "of the training weights unless the export says otherwise; `config.json` holds every training setting.",
+        + (f" with the recipe `{run_cfg['config']}`" if run_cfg.get("config") else "") + ". The weights are "
+        + ("the EMA of the training weights" if record["weights"] == "ema" else "the raw training weights (not the EMA)")
+        + "; `config.json` holds every training setting.",
         "",
         "## Scores",
         "",
@@ -131,7 +134,9 @@ def model_card(record: dict, run_cfg: dict, scores: list[str], has_grid: bool, r
 def export_run(src: str, dst: str, *, model_weights: bool = False, force: bool = False,
                repo: str = "OWNER/NAME") -> str:
     """Write the hub-ready folder of ``src`` (a run or checkpoint directory) to ``dst``; returns ``dst``."""
-    if os.path.exists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)) and not force:
+    if os.path.isfile(dst):
+        raise UserError(f"{dst} is a file; the export is a folder")
+    if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise UserError(f"{dst} exists and is not an empty folder; pass --force to replace it")
     sd, source, run_cfg = load_weights(src, model_weights)
     if run_cfg is None:
@@ -140,26 +145,16 @@ def export_run(src: str, dst: str, *, model_weights: bool = False, force: bool =
     ckpt = _checkpoint_of(source)
     step = checkpoint_step(ckpt) if ckpt else None
     run_dir = run_dir_of(source)
-    record = export_record(sd, run_cfg, step)
-    record["weights"] = "model (raw)" if model_weights else "ema"
+    record = {**export_record(sd, run_cfg, step), "weights": "model (raw)" if model_weights else "ema"}
     grid = os.path.join(run_dir, "samples.png")
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(os.path.abspath(dst))}.export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    has_grid = os.path.isfile(grid)
+    with atomic_path(dst) as tmp:  # a folder beside DST, renamed over it when complete, removed on any failure
+        os.makedirs(tmp)
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({**run_cfg, "opendit_export": record}, f, indent=2)
-        if has_grid := os.path.isfile(grid):
+        if has_grid:
             shutil.copyfile(grid, os.path.join(tmp, "samples.png"))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(record, run_cfg, _scores(run_dir, run_cfg), has_grid, repo))
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        elif os.path.exists(dst):
-            os.remove(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

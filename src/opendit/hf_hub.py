@@ -3,7 +3,7 @@
 The repository (or one FILE of it) is fetched with ``huggingface_hub`` (the optional extra ``opendit[hub]``) into its
 own cache (``$HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``) and loaded from there like a local path: an
 exported run (``opendit export``: model.safetensors + config.json) loads exactly like the run it came from. Offline
-mode is honoured (``HF_HUB_OFFLINE=1`` or ``OPENDIT_OFFLINE=1``: the cache only). Whatever cannot be had is one line.
+mode is honoured (``HF_HUB_OFFLINE=1`` or ``OPENDIT_OFFLINE`` set: the cache only). Whatever cannot be had is one line.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def offline() -> bool:
-    on = ("1", "true", "yes", "on")
-    return any(os.environ.get(k, "").lower() in on for k in ("HF_HUB_OFFLINE", "OPENDIT_OFFLINE"))
+    """OPENDIT_OFFLINE set (any value, as for every other download of the project), or HF_HUB_OFFLINE on in
+    huggingface_hub's own spelling (1 / ON / YES / TRUE)."""
+    hf = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(os.environ.get("OPENDIT_OFFLINE")) or hf
 
 
 def resolve_hf(uri: str) -> str:
