@@ -17,8 +17,10 @@ DEMO_SETTINGS = {"--batch_size": "128", "--lr": "2e-3", "--lr_schedule": "cosine
                  "--ema_decay": "0.995", "--mixed_precision": "fp32"}
 SUBCOMMANDS = {"train": "opendit.cli.train", "sample": "opendit.cli.sample", "sample-ddp": "opendit.cli.sample_ddp",
                "score-digits": "opendit.cli.score_digits", "eval": "opendit.cli.evaluate",
-               "extract-features": "opendit.cli.extract_features", "convert": "opendit.cli.convert", "run": "opendit.cli.launch"}
-SECTIONS = {"opendit.cli.train": "train", "opendit.cli.sample": "sample", "opendit.cli.sample_ddp": "sample"}
+               "extract-features": "opendit.cli.extract_features", "convert": "opendit.cli.convert", "run": "opendit.cli.launch",
+               "export": "opendit.cli.export", "serve": "opendit.cli.serve"}
+SECTIONS = {"opendit.cli.train": "train", "opendit.cli.sample": "sample", "opendit.cli.sample_ddp": "sample",
+            "opendit.cli.serve": "sample"}
 
 
 def readme_commands() -> list[tuple[str, str]]:
@@ -101,7 +103,7 @@ def test_the_checked_commands_cover_the_readme():
     """Every program the README runs is checked (a guard against the parser above silently skipping them)."""
     modules = {m for _, c in CHECKED for m, _ in (program_of(words_of(c)) or [])}
     assert {"opendit.cli.train", "opendit.cli.sample", "opendit.cli.sample_ddp", "opendit.cli.evaluate", "opendit.cli.convert",
-            "opendit.cli.extract_features", "opendit.cli.launch"} <= modules
+            "opendit.cli.extract_features", "opendit.cli.launch", "opendit.cli.export", "opendit.cli.serve"} <= modules
     assert len(CHECKED) >= 30
 
 

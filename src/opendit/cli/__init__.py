@@ -1,6 +1,6 @@
 """The ``opendit`` command (also ``python -m opendit``): ``opendit models`` lists the model configs and the published
 checkpoints ``--ckpt`` takes by name; ``opendit train|
-sample|sample-ddp|score-digits|extract-features|eval|convert|export|run`` run the programs of scripts/dit/ under one name."""
+sample|sample-ddp|score-digits|extract-features|eval|convert|export|serve|run`` run the programs of scripts/dit/ under one name."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ PROGRAMS = {
     "eval": ("opendit.cli.evaluate", "FID / IS / KID of samples against a reference (scripts/dit/evaluate.py)"),
     "convert": ("opendit.cli.convert", "convert weights between opendit, published .pt, .safetensors and diffusers"),
     "export": ("opendit.cli.export", "a run as a Hugging Face Hub model folder (weights, config, model card)"),
+    "serve": ("opendit.cli.serve", "a local web page to sample a checkpoint (classes, sampler, guidance, seed)"),
     "run": ("opendit.cli.launch", "torchrun a script on every host of a hostfile, over ssh"),
 }
 

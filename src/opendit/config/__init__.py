@@ -4,6 +4,6 @@ from .fields import CHANGE, MACHINE, RESUME_CLASSES, RUN, Config, section, setti
 from .train import TrainConfig
 
 __all__ = ["CHANGE", "MACHINE", "RESUME_CLASSES", "RUN", "Config", "TrainConfig", "section", "setting"]
-from .sample import FolderConfig, GridConfig  # noqa: E402
+from .sample import FolderConfig, GridConfig, ServeConfig  # noqa: E402
 
-__all__ += ["FolderConfig", "GridConfig"]
+__all__ += ["FolderConfig", "GridConfig", "ServeConfig"]

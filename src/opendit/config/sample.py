@@ -167,3 +167,25 @@ class FolderConfig(SamplingConfig):
 
     guidance: FolderGuidanceSettings = section(FolderGuidanceSettings, "guidance")
     output: FolderOutput = section(FolderOutput, "output")
+
+
+@dataclass
+class ServeSettings:
+    host: str = setting("127.0.0.1", "the address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes the "
+                                     "page to the network)")
+    port: int = setting(7860, "the port (0: a free one, printed)", type=int_flag(0, 65535))
+    max_images: int = setting(64, "the most images one request may draw", type=int_flag(1, 4096))
+    per_class: int = setting(4, "the page's images per class at first", type=POSITIVE_INT)
+
+
+@dataclass
+class ServeConfig(Config):
+    """opendit serve: a checkpoint loaded once, sampled from a local web page. The sampler, guidance and seed flags
+    are the page's settings at first (default: the 20-evaluation sampler of the training grids)."""
+
+    checkpoint: CheckpointSettings = section(CheckpointSettings, "checkpoint")
+    sampler: SamplerSettings = section(SamplerSettings, "the page's first settings")
+    guidance: GuidanceSettings = section(GuidanceSettings, "guidance (the page's first settings)")
+    cache: CacheSettingsSection = section(CacheSettingsSection, "cached steps (every request)")
+    machine: SamplingMachineSettings = section(SamplingMachineSettings, "machine")
+    serve: ServeSettings = section(ServeSettings, "the page")

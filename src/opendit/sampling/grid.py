@@ -50,6 +50,21 @@ def write_sample_grid(path: str, model, space: Space, *, num_classes: int, class
     save_image_atomic(labelled_grid(space.to_images(out.float()), labels.tolist(), class_names), path)
 
 
+def draw_grid(loaded, cfg, device, precision: Precision, *, progress: bool = False):
+    """The labelled grid of a GridConfig's settings (sampler, guidance, cached steps, labels, seed) from a loaded
+    checkpoint: (the PIL image, its labels, ``generate``'s settings). What sample_dit.py writes and ``opendit serve``
+    shows: torch.manual_seed(seed), then z = randn(n, C, H, W), then the sampler."""
+    settings = sampler_settings(cfg, loaded)
+    labels = parse_labels(cfg.output.labels, loaded.num_classes)
+    torch.manual_seed(cfg.sampler.seed)
+    y = torch.tensor(labels, device=device)
+    z = torch.randn(len(labels), loaded.in_channels, *loaded.input_size, device=device)
+    machine = cfg.machine
+    with precision.autocast(), compiled_forward(loaded.model, cuda_graphs=machine.cuda_graphs, enabled=machine.compile):
+        x = generate(loaded.model, y, z, clip_denoised=clip_for(cfg, loaded), progress=progress, **settings)
+    return labelled_grid(loaded.space.to_images(x.float()), labels, loaded.class_names), labels, settings
+
+
 def sample_grid(cfg) -> int:
     """The body of sample_dit.py (``cfg``: a GridConfig): a labelled grid PNG of samples from a checkpoint."""
     machine, out = cfg.machine, cfg.output
@@ -57,17 +72,10 @@ def sample_grid(cfg) -> int:
     precision = Precision(machine.mixed_precision, device)
     check_fast_flags(machine, cfg.cache, device)
     loaded = load_for_sampling(cfg.checkpoint, ModelOptions.from_config(machine), device, precision)
-    settings = sampler_settings(cfg, loaded)
-    labels = parse_labels(out.labels, loaded.num_classes)
-    torch.manual_seed(cfg.sampler.seed)
-    y = torch.tensor(labels, device=device)
-    z = torch.randn(len(labels), loaded.in_channels, *loaded.input_size, device=device)
-    with precision.autocast(), compiled_forward(loaded.model, cuda_graphs=machine.cuda_graphs, enabled=machine.compile):
-        x = generate(loaded.model, y, z, clip_denoised=clip_for(cfg, loaded), progress=True, **settings)
-    images = loaded.space.to_images(x.float())
+    grid, labels, settings = draw_grid(loaded, cfg, device, precision, progress=True)
     if os.path.dirname(out.out):
         os.makedirs(os.path.dirname(out.out), exist_ok=True)
-    save_image_atomic(labelled_grid(images, labels, loaded.class_names), out.out)
+    save_image_atomic(grid, out.out)
     print(f"{loaded.name} from {loaded.source} ({loaded.objective_note}): {len(labels)} samples, "
           f"{describe_settings(settings)} -> {out.out}")
     return 0
