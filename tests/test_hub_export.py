@@ -217,3 +217,55 @@ def test_hf_addresses_download_from_a_hub_into_its_cache(run_dir, local_hub, tmp
     r = run([sys.executable, SAMPLE, "--ckpt", "hf://me/other", *args, "--out", str(tmp_path / "no.png")],
             env_extra=env, process=True)
     assert r.returncode == 2 and "hf://me/other: cannot be fetched" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_load_hf_fine_tunes_a_new_run_from_the_exported_weights(run_dir, offline_hub, tmp_path):
+    """`train.py --load hf://OWNER/NAME`: a new run whose model and EMA start from the export (EMA decay 1 keeps the
+    start: ema.pt is the export bit for bit), its architecture from the export's config.json; the same run as from the
+    export folder on disk; a fresh run differs."""
+    env = {"HF_HUB_CACHE": offline_hub, "HF_HUB_OFFLINE": "1"}
+    args = ["--dataset", "digits", "--mixed_precision", "fp32", "--device", "cpu", "--batch_size", "16",
+            "--max_steps", "2", "--ckpt_every", "2", "--ema_decay", "1"]
+    runs = {}
+    for name, load in (("hub", ["--load", "hf://me/digits"]),
+                       ("folder", ["--load", os.path.join(offline_hub, "models--me--digits", "snapshots", REVISION)]),
+                       ("fresh", ["--model", "DiT-N/2"])):
+        r = run_train(*args, *load, "--outputs", str(tmp_path / name), env_extra=env)
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        runs[name] = only_run_dir(tmp_path / name)
+    exported = load_file(os.path.join(offline_hub, "models--me--digits", "snapshots", REVISION, "model.safetensors"))
+    last = {name: list_checkpoints(d)[-1] for name, d in runs.items()}
+    ema = torch.load(os.path.join(last["hub"], "ema.pt"), weights_only=True)
+    assert ema.keys() == exported.keys() and all(torch.equal(ema[k], exported[k]) for k in exported)
+    weights = {name: load_file(os.path.join(c, "model", "model.safetensors")) for name, c in last.items()}
+    assert all(torch.equal(weights["hub"][k], weights["folder"][k]) for k in exported)
+    assert not all(torch.equal(weights["hub"][k], weights["fresh"][k]) for k in exported)
+    cfg = json.load(open(os.path.join(runs["hub"], "config.json")))
+    assert cfg["model"] == "DiT-N/2" and cfg["init_from"]["load"] == "hf://me/digits"
+    assert cfg["init_from"]["file"].endswith(os.path.join(REVISION, "model.safetensors"))
+    assert "fine-tuning from hf://me/digits" in open(os.path.join(runs["hub"], "log.txt")).read()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--load", "hf://me/digits", "--model", "DiT-S/2"],
+     "--model DiT-S/2: the weights of --load hf://me/digits are --model DiT-N/2 (their config.json)"),
+    (["--load", "hf://me/unknown"], "--load hf://me/unknown: is not in the Hub cache and offline mode is on"),
+])
+def test_fine_tuning_from_weights_that_cannot_be_had_or_do_not_fit_is_one_line(offline_hub, tmp_path, extra, message):
+    r = run_train("--dataset", "digits", "--device", "cpu", "--mixed_precision", "fp32", "--max_steps", "1", *extra,
+                  "--outputs", str(tmp_path / "out"), env_extra={"HF_HUB_CACHE": offline_hub, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_fine_tuning_under_fsdp_starts_from_the_weights(run_dir, offline_hub, tmp_path):
+    """2 processes, fully sharded: rank 0 reads the weights, every shard receives its part (ema.pt = the export)."""
+    r = run_train("--dataset", "digits", "--mixed_precision", "fp32", "--device", "cpu", "--batch_size", "8",
+                  "--max_steps", "2", "--ckpt_every", "2", "--ema_decay", "1", "--plugin", "fsdp", "--load",
+                  "hf://me/digits", "--outputs", str(tmp_path / "o"), nproc=2,
+                  env_extra={"HF_HUB_CACHE": offline_hub, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    exported = load_file(os.path.join(offline_hub, "models--me--digits", "snapshots", REVISION, "model.safetensors"))
+    ema = torch.load(os.path.join(list_checkpoints(only_run_dir(tmp_path / "o"))[-1], "ema.pt"), weights_only=True)
+    assert ema.keys() == exported.keys() and all(torch.equal(ema[k], exported[k]) for k in exported)

@@ -411,7 +411,7 @@ def read_run_config(run_dir: str | None) -> dict | None:
     return cfg if isinstance(cfg, dict) and {"model", "global_batch", "image_size"} <= set(cfg) else None
 
 
-def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str, dict | None]:
+def load_weights(path: str, use_model_weights: bool = False, flag: str = "--ckpt") -> tuple[dict, str, dict | None]:
     """(state dict, the weights file it came from, the run's config.json or None) for every checkpoint people have: a
     bare state dict (.pt, e.g. the published DiT-XL-2-256x256.pt), our ema.pt, a .safetensors file, a checkpoint's
     model/ folder, a checkpoint directory or a run directory (EMA unless ``use_model_weights``); or the name of a
@@ -422,11 +422,11 @@ def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str,
     from .published import PUBLISHED, fetch_published, unknown_name_hint
 
     if is_hf_uri(path):  # hf://OWNER/NAME[@REVISION][/FILE]: the Hub cache's copy (an exported run loads like the run)
-        path = resolve_hf(path)
+        path = resolve_hf(path, flag)
     if not os.path.exists(path):
         if path not in PUBLISHED:
-            raise UserError(f"--ckpt {path}: no such file or directory{unknown_name_hint(path)}")
-        path = fetch_published(path)
+            raise UserError(f"{flag} {path}: no such file or directory{unknown_name_hint(path)}")
+        path = fetch_published(path, flag)
     cfg = read_run_config(run_dir_of(path))
     path = os.path.normpath(path)
     if os.path.isfile(path):
@@ -436,7 +436,7 @@ def load_weights(path: str, use_model_weights: bool = False) -> tuple[dict, str,
         return load_state_dict_file(file), file, cfg
     rel = MODEL_FILE if use_model_weights else EMA_FILE
     # a run directory: the newest checkpoint whose weights file passes its manifest
-    ckpt_dir, _, warnings = first_intact(path, lambda d: verify_manifest(d, only=(rel.replace(os.sep, "/"),)), "--ckpt")
+    ckpt_dir, _, warnings = first_intact(path, lambda d: verify_manifest(d, only=(rel.replace(os.sep, "/"),)), flag)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     file = os.path.join(ckpt_dir, rel)

@@ -22,11 +22,11 @@ def is_hf_uri(path: str) -> bool:
     return isinstance(path, str) and path.startswith(PREFIX)
 
 
-def parse_hf_uri(uri: str) -> tuple[str, str | None, str | None]:
+def parse_hf_uri(uri: str, flag: str = "--ckpt") -> tuple[str, str | None, str | None]:
     """(repo id, revision or None, file or None) of ``hf://OWNER/NAME[@REVISION][/FILE]``."""
     m = _URI.match(uri)
     if not m:
-        raise UserError(f"--ckpt {uri}: not a Hub address; write hf://OWNER/NAME, hf://OWNER/NAME@REVISION or "
+        raise UserError(f"{flag} {uri}: not a Hub address; write hf://OWNER/NAME, hf://OWNER/NAME@REVISION or "
                         f"hf://OWNER/NAME/FILE")
     return m["repo"], m["rev"], m["file"]
 
@@ -38,13 +38,13 @@ def offline() -> bool:
     return bool(os.environ.get("OPENDIT_OFFLINE")) or hf
 
 
-def resolve_hf(uri: str) -> str:
+def resolve_hf(uri: str, flag: str = "--ckpt") -> str:
     """The local path of ``uri`` in the Hub cache (a folder, or the file named), downloading it unless offline."""
-    repo, revision, file = parse_hf_uri(uri)
+    repo, revision, file = parse_hf_uri(uri, flag)
     try:
         import huggingface_hub as hub
     except ImportError:
-        raise UserError(f"--ckpt {uri}: reading from the Hub needs huggingface_hub (pip install 'opendit[hub]')"
+        raise UserError(f"{flag} {uri}: reading from the Hub needs huggingface_hub (pip install 'opendit[hub]')"
                         ) from None
     local_only = offline()
     # read now: huggingface_hub reads these once, at its import
@@ -54,4 +54,4 @@ def resolve_hf(uri: str) -> str:
         return hub.hf_hub_download(repo, file, **kw) if file else hub.snapshot_download(repo, **kw)
     except Exception as e:  # not cached offline, no network, unknown repo / revision / file, no access
         where = "is not in the Hub cache and offline mode is on" if local_only else "cannot be fetched"
-        raise UserError(f"--ckpt {uri}: {where} ({reason(e)})") from None
+        raise UserError(f"{flag} {uri}: {where} ({reason(e)})") from None

@@ -158,7 +158,10 @@ class ScheduleSettings:
         None, "resume: a checkpoint directory, a run directory (its newest intact checkpoint), or 'auto' (the newest "
               "run of this --model under --outputs that has a checkpoint; a new run when there is none). The run's "
               "settings come with it: seed, model, data set, image size, VAE and global batch must not differ; flags "
-              "not given take the run's values; others (lr, max_steps, ...) are applied and recorded in history.jsonl",
+              "not given take the run's values; others (lr, max_steps, ...) are applied and recorded in history.jsonl. "
+              "Fine-tune: weights without a training state (an `opendit export` folder, hf://OWNER/NAME, a "
+              ".safetensors or .pt file, a published checkpoint's name) start a new run from them, with their "
+              "architecture and objective unless flags say",
         resume=MACHINE)
     log_every: int = setting(10, "", type=POSITIVE_INT, resume=CHANGE)
     ckpt_every: int = setting(1000, "", type=POSITIVE_INT, resume=CHANGE)

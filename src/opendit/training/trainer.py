@@ -44,7 +44,7 @@ from .bad_images import BadImages
 from .ema import EMA, NOT_AVERAGED, ema_decay_at
 from .optim import build_optimizer, learning_rate
 from .randomness import draw_step_randomness, step_seed
-from .resume import plan_resume, restore
+from .resume import check_initial_weights, load_initial_weights, plan_resume, restore
 from .run_settings import HISTORY_FILE, append_history, describe_changes
 from .runlog import RunLog, new_run_dir
 from .state import TrainState
@@ -77,6 +77,7 @@ class Run:
     log: RunLog = None
     batch_plan: GlobalBatchPlan = None
     total_steps: int = 0
+    init_from: dict | None = None  # fine-tuning: the weights the run started from (--load as given, the file)
 
     def ema_model(self):
         """A fresh plain model holding the EMA weights, on rank 0 (None elsewhere; collective)."""
@@ -96,6 +97,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None, command: list[str] | 
         validate(cfg, given)
         run = Run(cfg, env, Precision(cfg.machine.mixed_precision, env.device), ModelOptions.from_config(cfg.machine),
                   cfg.optim.batch_size * env.world_size)
+        if resume.init:
+            run.init_from = {"load": resume.init, "file": resume.init_source}
         build(run, resume)
         open_session(run, resume, command)
         bad = BadImages(cfg.data.on_bad_image, env, run.log, earlier=run.state.bad_images)
@@ -139,6 +142,8 @@ def build(run: Run, resume) -> None:
                             cfg.optim.global_seed, env.device)
     run.alignment = setup_alignment(cfg, run.model, run.dataset, env.device)  # REPA: encoders, projectors on the model
     run.shapes = {k: tuple(v.shape) for k, v in run.model.state_dict().items()}
+    if resume.init:  # fine-tuning: the weights checked against the plain model (loaded once it is sharded)
+        check_initial_weights(run.model, resume, env)
     run.train_model = parallelize_dit(run.model, run.options, env, run.precision)  # zero2 / fsdp: sharded in place
     run.opt = build_optimizer(run.model, cfg.optim.lr, env.device, cfg.optim.adam_beta2, cfg.optim.optimizer_impl,
                               cfg.optim.optimizer)
@@ -154,7 +159,9 @@ def open_session(run: Run, resume, command) -> None:
                                                    resume.notes)
         run.run_dir = os.path.dirname(os.path.abspath(run.ckpt_dir))
     else:
-        run.state, run.ema = TrainState(), EMA(run.model)
+        if resume.init:
+            load_initial_weights(run.model, resume, env)
+        run.state, run.ema = TrainState(), EMA(run.model)  # the EMA starts from the model's weights
     if env.is_main and run.run_dir is None:
         run.run_dir, run.created = new_run_dir(cfg.schedule.outputs, cfg.model.model), True
     run.run_dir = distributed.broadcast_object(run.run_dir, env)
@@ -320,7 +327,7 @@ def run_config(run: Run) -> dict:
                 world_size=run.env.world_size, global_batch=run.global_batch, class_names=list(dataset.class_names),
                 **run.objective.record(),
                 latent_stats=space.latent_norm.record() if space.latent_norm is not None else None,
-                dit=run.model.config.to_dict())
+                dit=run.model.config.to_dict(), **({"init_from": run.init_from} if run.init_from else {}))
 
 
 def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state: TrainState, resume, command, *,
