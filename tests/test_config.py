@@ -36,7 +36,7 @@ RESUME = {
     "repa_projector_dim": RUN,
     # schedule and logging
     "outputs": MACHINE, "load": MACHINE, "log_every": CHANGE, "ckpt_every": CHANGE, "ckpt_keep": CHANGE,
-    "config": MACHINE,
+    "wandb": MACHINE, "wandb_project": MACHINE, "wandb_mode": MACHINE, "config": MACHINE,
     # evaluation
     "eval_every": CHANGE, "eval_samples": CHANGE, "eval_cfg_scale": CHANGE, "eval_features": CHANGE,
     "eval_reference": CHANGE, "inception": MACHINE, "final_samples": CHANGE, "final_cfg_scale": CHANGE,

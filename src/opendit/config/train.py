@@ -167,6 +167,13 @@ class ScheduleSettings:
     ckpt_every: int = setting(1000, "", type=POSITIVE_INT, resume=CHANGE)
     ckpt_keep: int = setting(3, "keep the newest K checkpoints of the run's current branch (0 = all); the one just "
                                 "written and the one resumed from are never deleted", type=NONNEG_INT, resume=CHANGE)
+    wandb: bool = setting(False, "also log to Weights & Biases: the losses, learning rate, FID and sample grids the "
+                                 "run logs to TensorBoard, the run's config; files under RUN/wandb/ (needs the wandb "
+                                 "package)", resume=MACHINE)
+    wandb_project: str = setting("opendit", "the W&B project", resume=MACHINE)
+    wandb_mode: str = setting("auto", "online, offline (no network: `wandb sync RUN/wandb/offline-run-*` later), or "
+                                      "auto (WANDB_MODE, else online)", choices=["auto", "online", "offline"],
+                              resume=MACHINE)
     config: str | None = setting(None, "a TOML recipe file setting any of these flags (keys without dashes); the "
                                        "command line overrides it (see recipes/)", resume=MACHINE)
 

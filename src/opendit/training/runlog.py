@@ -1,5 +1,5 @@
 """The run directory (``outputs/NNN-<model>``) and its log: log.txt and stdout, metrics.jsonl, TensorBoard scalars and
-the periodic sample grids."""
+the periodic sample grids, and optionally the same in a Weights & Biases run (``--wandb``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import secrets
 import time
 
 import numpy as np
@@ -26,12 +27,48 @@ def new_run_dir(outputs: str, model_name: str) -> str:
     return path
 
 
-class RunLog:
-    """log.txt + stdout, metrics.jsonl, and TensorBoard scalars when tensorboard is installed (rank 0 only)."""
+WANDB_ID_FILE = "wandb-run-id"  # the W&B run of a run directory: a resumed run continues its curves
 
-    def __init__(self, run_dir: str | None):
+
+def check_wandb() -> None:
+    """--wandb needs the wandb package: one line before anything is written when it is missing."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UserError("--wandb needs the wandb package (pip install wandb, or pip install -e '.[wandb]')") from None
+
+
+def start_wandb(run_dir: str, project: str, mode: str, config: dict | None):
+    """A W&B run for ``run_dir`` (its files under run_dir/wandb/; the id kept in run_dir, so that a resumed run
+    continues the same W&B run). ``mode``: online, offline, or auto (WANDB_MODE, else wandb's default: online)."""
+    import wandb
+
+    id_file = os.path.join(run_dir, WANDB_ID_FILE)
+    if os.path.isfile(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(6)
+        with open(id_file, "w") as f:
+            f.write(run_id)
+    try:
+        return wandb.init(project=project, name=os.path.basename(os.path.abspath(run_dir)), id=run_id, resume="allow",
+                          dir=run_dir, config=config, mode=None if mode == "auto" else mode,
+                          settings=wandb.Settings(console="off"))  # stdout stays ours (log.txt has it)
+    except Exception as e:  # not logged in, no network, a bad project name
+        raise UserError(f"--wandb: cannot start a W&B run ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                        f"); log in with `wandb login`, or pass --wandb_mode offline (and `wandb sync` later)"
+                        ) from None
+
+
+class RunLog:
+    """log.txt + stdout, metrics.jsonl, TensorBoard scalars when tensorboard is installed, and a W&B run when given
+    (rank 0 only)."""
+
+    def __init__(self, run_dir: str | None, wandb_run=None):
         self.run_dir = run_dir
         self.tb = None
+        self.wandb = wandb_run
         if run_dir is None:
             return
         try:
@@ -54,16 +91,28 @@ class RunLog:
             return
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+        scalars = {f"train/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=step)
 
     def image(self, tag: str, image, step: int) -> None:
         """A PIL image in TensorBoard (when installed), e.g. the sample grid of a periodic evaluation."""
         if self.run_dir is not None and self.tb is not None:
             self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        if self.run_dir is not None and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(image.convert("RGB"))}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.finish()
+            wandb.teardown()  # waits until the run's file is written (finish may return before)
+            self.wandb = None

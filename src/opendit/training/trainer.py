@@ -46,7 +46,7 @@ from .optim import build_optimizer, learning_rate
 from .randomness import draw_step_randomness, step_seed
 from .resume import check_initial_weights, load_initial_weights, plan_resume, restore
 from .run_settings import HISTORY_FILE, append_history, describe_changes
-from .runlog import RunLog, new_run_dir
+from .runlog import RunLog, check_wandb, new_run_dir, start_wandb
 from .state import TrainState
 from .step import StepBatch, train_step
 
@@ -165,7 +165,10 @@ def open_session(run: Run, resume, command) -> None:
     if env.is_main and run.run_dir is None:
         run.run_dir, run.created = new_run_dir(cfg.schedule.outputs, cfg.model.model), True
     run.run_dir = distributed.broadcast_object(run.run_dir, env)
-    run.log = RunLog(run.run_dir if env.is_main else None)
+    sched = cfg.schedule
+    wandb_run = distributed.on_rank0(lambda: start_wandb(run.run_dir, sched.wandb_project, sched.wandb_mode,
+                                                         run_config(run)), env) if sched.wandb else None
+    run.log = RunLog(run.run_dir if env.is_main else None, wandb_run)
     run.batch_plan = GlobalBatchPlan(len(run.dataset), run.global_batch, rank=env.rank, world_size=env.world_size,
                                      seed=cfg.optim.global_seed, shuffle=True, flip=run.dataset.flip)
     if run.state.epoch_offset + run.global_batch > len(run.dataset):  # the saved position was the end of an epoch
@@ -245,6 +248,8 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
         raise UserError(f"unknown --dataset {cfg.data.dataset!r}; choose cifar10, imagefolder, digits or latents")
     if os.path.exists(cfg.schedule.outputs) and not os.path.isdir(cfg.schedule.outputs):
         raise UserError(f"--outputs {cfg.schedule.outputs} is a file, not a directory")
+    if cfg.schedule.wandb:
+        check_wandb()
     if cfg.objective.objective != "flow" and given is not None:
         if flow_only := [k for k in ObjectiveSettings.FLOW_ONLY if k in given]:
             raise UserError(f"--{flow_only[0]} is a setting of the flow objective; add --objective flow (the run's "
