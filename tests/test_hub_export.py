@@ -94,6 +94,22 @@ def test_an_exported_run_loads_offline_from_the_hub_cache_in_every_program(run_d
         assert r.returncode == 0, (name, r.stderr)
         arrays[name] = np.load(str(tmp_path / f"ddp-{name}") + ".npz")["arr_0"]
     assert np.array_equal(arrays["hub"], arrays["run"])
+    # opendit eval: the samples from a data set repository of the cache score as the local file does
+    snapshot = tmp_path / "hub" / "datasets--me--samples" / "snapshots" / REVISION
+    snapshot.mkdir(parents=True)
+    shutil.copy(str(tmp_path / "ddp-run") + ".npz", snapshot / "samples.npz")
+    (tmp_path / "hub" / "datasets--me--samples" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--me--samples" / "refs" / "main").write_text(REVISION)
+    scores = {}
+    for name, samples in (("run", str(tmp_path / "ddp-run") + ".npz"), ("hub", "hf://datasets/me/samples/samples.npz")):
+        r = run_in_process("opendit.cli.evaluate", [samples, "digits", "--features", "digits", "--splits", "2",
+                                                    "--device", "cpu"],
+                           env_extra=env)
+        assert r.returncode == 0, (name, r.stderr)
+        scores[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert scores["hub"] == scores["run"] and "samples    hf://datasets/me/samples/samples.npz" in r.stdout
+    r = run_in_process("opendit.cli.evaluate", ["hf://datasets/me/samples/other.npz", "digits"], env_extra=env)
+    assert r.returncode == 2 and "SAMPLES hf://datasets/me/samples/other.npz: is not in the Hub cache" in r.stderr
     r = run_in_process("opendit.cli.convert", ["hf://me/digits", str(tmp_path / "c.safetensors")], env_extra=env)
     assert r.returncode == 0, r.stderr
     ema = torch.load(os.path.join(list_checkpoints(run_dir)[-1], "ema.pt"), weights_only=True)

@@ -14,21 +14,25 @@ import re
 from .errors import UserError, reason
 
 PREFIX = "hf://"
-# OWNER/NAME, then @REVISION (a branch, tag or commit; no "/"), then /FILE (a path inside the repository)
-_URI = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?(?:/(?P<file>.+))?$")
+# [datasets/ | spaces/] (the repository type, as huggingface_hub's HfFileSystem writes it; a model without), OWNER/NAME,
+# then @REVISION (a branch, tag or commit; no "/"), then /FILE (a path inside the repository)
+_URI = re.compile(r"^hf://(?:(?P<type>datasets|spaces)/)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^/]+))?"
+                  r"(?:/(?P<file>.+))?$")
+REPO_TYPES = {None: None, "datasets": "dataset", "spaces": "space"}
 
 
 def is_hf_uri(path: str) -> bool:
     return isinstance(path, str) and path.startswith(PREFIX)
 
 
-def parse_hf_uri(uri: str, flag: str = "--ckpt") -> tuple[str, str | None, str | None]:
-    """(repo id, revision or None, file or None) of ``hf://OWNER/NAME[@REVISION][/FILE]``."""
+def parse_hf_uri(uri: str, flag: str = "--ckpt") -> tuple[str, str | None, str | None, str | None]:
+    """(repo id, revision or None, file or None, repository type: None for a model, "dataset", "space") of
+    ``hf://[datasets/]OWNER/NAME[@REVISION][/FILE]``."""
     m = _URI.match(uri)
     if not m:
         raise UserError(f"{flag} {uri}: not a Hub address; write hf://OWNER/NAME, hf://OWNER/NAME@REVISION or "
-                        f"hf://OWNER/NAME/FILE")
-    return m["repo"], m["rev"], m["file"]
+                        f"hf://OWNER/NAME/FILE (hf://datasets/OWNER/NAME/FILE for a data set)")
+    return m["repo"], m["rev"], m["file"], REPO_TYPES[m["type"]]
 
 
 def offline() -> bool:
@@ -39,8 +43,9 @@ def offline() -> bool:
 
 
 def resolve_hf(uri: str, flag: str = "--ckpt") -> str:
-    """The local path of ``uri`` in the Hub cache (a folder, or the file named), downloading it unless offline."""
-    repo, revision, file = parse_hf_uri(uri, flag)
+    """The local path of ``uri`` in the Hub cache (a folder, or the file named), downloading it unless offline.
+    ``flag``: how the user gave it, for the one-line error."""
+    repo, revision, file, repo_type = parse_hf_uri(uri, flag)
     try:
         import huggingface_hub as hub
     except ImportError:
@@ -48,7 +53,7 @@ def resolve_hf(uri: str, flag: str = "--ckpt") -> str:
                         ) from None
     local_only = offline()
     # read now: huggingface_hub reads these once, at its import
-    kw = dict(revision=revision, local_files_only=local_only, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+    kw = dict(revision=revision, repo_type=repo_type, local_files_only=local_only, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
               endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
         return hub.hf_hub_download(repo, file, **kw) if file else hub.snapshot_download(repo, **kw)

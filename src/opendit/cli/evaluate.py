@@ -6,7 +6,9 @@
 
 SAMPLES and REFERENCE are each an ``.npz`` (``arr_0``: N x H x W x C uint8, as sample_ddp.py and the ADM evaluation
 suite write), a folder of images (searched recursively), or for the reference also a statistics file (``mu``,
-``sigma``: an ADM reference batch or ``--save_stats`` output; used as is when the features match) or ``digits``.
+``sigma``: an ADM reference batch or ``--save_stats`` output; used as is when the features match) or ``digits``. Each
+of them and ``--inception`` may be on the Hugging Face Hub: ``hf://datasets/OWNER/NAME/FILE`` (a data set's file),
+``hf://OWNER/NAME/FILE`` (a model's), a whole repository without /FILE; fetched into the Hub cache (offline: from it).
 
 Features come from a pluggable extractor: ``inception`` (the FID network, opendit.eval.inception), ``digits`` (the
 classifier of opendit.eval.digits), or ``package.module:factory`` (a callable returning an extractor: an object with
@@ -42,8 +44,18 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def fetch_hub_inputs(args) -> dict:
+    """The inputs given as hf:// addresses, fetched: their local paths (the arguments keep the addresses, for the
+    report)."""
+    from ..hf_hub import is_hf_uri, resolve_hf
+
+    return {name: resolve_hf(getattr(args, name), flag) for name, flag in
+            (("samples", "SAMPLES"), ("reference", "REFERENCE"), ("inception", "--inception"))
+            if is_hf_uri(getattr(args, name))}
+
+
 def report(args) -> int:
-    m = run_eval(**vars(args))
+    m = run_eval(**{**vars(args), **fetch_hub_inputs(args)})
     ref = f"{m['num_reference']} images" if m["num_reference"] else "precomputed statistics"
     lines = [f"samples    {args.samples} ({m['num_samples']} images)", f"reference  {args.reference} ({ref})",
              f"features   {m['features']}", f"FID        {m['fid']:.4f}"]
