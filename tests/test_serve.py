@@ -23,6 +23,7 @@ from opendit.config import ServeConfig
 from opendit.cli.flags import parse_argv
 from opendit.serve.app import Explorer, make_server, section_argv
 from opendit.distributed import pick_device
+from opendit.errors import UserError
 from opendit.parallelize import ModelOptions
 from opendit.precision import Precision
 from opendit.sampling.load import load_for_sampling
@@ -151,3 +152,35 @@ def test_a_port_in_use_is_one_line(run_dir):
         f"pass another --port, or --port 0 for a free one\n", r.stderr
     bad = run_in_process("opendit.cli.serve", ["--ckpt", run_dir, "--port", "70000"])
     assert bad.returncode == 2 and "--port: must be an integer in [0, 65535], got 70000" in bad.stderr
+
+
+@pytest.mark.parametrize("objective,request_,first", [
+    ("flow", dict(classes=[2, 5], per_class=2, sampler="sde", sampling_method="Heun", steps=6, seed=4, cfg_scale=2),
+     dict(sampler="ode", steps=11, sampling_method="heun", cfg_scale=4.0)),
+    ("meanflow", dict(classes=[1], per_class=3, sampler="meanflow", steps=2, seed=1, cfg_scale="1"),
+     dict(sampler="meanflow", steps=1, sampling_method=None, cfg_scale=1.0)),
+])
+def test_flow_and_meanflow_checkpoints_on_the_page(tmp_path, objective, request_, first):
+    """A flow offers its integration methods; MeanFlow has guidance trained in (the page starts at 1 and refuses
+    another scale); each grid is sample_dit.py's."""
+    r = run_train(*TINY, "--objective", objective, "--batch_size", "16", "--max_steps", "2", "--ckpt_every", "2",
+                  "--outputs", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path / "o")
+    cfg = parse_argv(ServeConfig, ["--ckpt", run_dir, "--device", "cpu"])
+    device = pick_device("cpu", 0)
+    precision = Precision("fp32", device)
+    loaded = load_for_sampling(cfg.checkpoint, ModelOptions.from_config(cfg.machine), device, precision)
+    explorer = Explorer(loaded, section_argv(cfg.checkpoint) + section_argv(cfg.machine), first_settings(cfg, loaded),
+                        device, precision, cfg.serve.max_images)
+    info = explorer.info()
+    assert {k: info["defaults"][k] for k in first} == first
+    assert info["methods"] == ({"ode": ["euler", "heun", "dopri5"], "sde": ["Euler", "Heun"]} if objective == "flow"
+                               else {})
+    assert info["guidance_trained_in"] == (objective == "meanflow")
+    result = explorer.generate(request_)
+    shown = np.asarray(Image.open(io.BytesIO(result.png)).convert("RGB"))
+    assert np.array_equal(shown, sample_dit(result.command, tmp_path / "g.png"))
+    if objective == "meanflow":
+        with pytest.raises(UserError, match="guidance is trained into"):
+            explorer.generate(dict(request_, cfg_scale="1.5"))
