@@ -18,15 +18,12 @@ import pytest
 from PIL import Image
 
 from helpers import TINY, only_run_dir, run, run_in_process, run_train
-from opendit.cli.serve import first_settings
-from opendit.config import ServeConfig
-from opendit.cli.flags import parse_argv
-from opendit.serve.app import Explorer, make_server, section_argv
+from opendit.config import GridConfig, ServeConfig
+from opendit.cli.flags import checking_parser, parse_argv
+from opendit.serve.app import explorer_for, make_server
 from opendit.distributed import pick_device
 from opendit.errors import UserError
-from opendit.parallelize import ModelOptions
 from opendit.precision import Precision
-from opendit.sampling.load import load_for_sampling
 
 # the EMA is the weights (decay 0), trained enough that the labels and guidance change the pixels (a few steps from
 # adaLN-Zero's init would not: every grid would be the sampler's treatment of noise alone)
@@ -47,9 +44,7 @@ def page(run_dir):
     cfg = parse_argv(ServeConfig, ["--ckpt", run_dir, "--device", "cpu", "--max_images", "16"])
     device = pick_device("cpu", 0)
     precision = Precision("fp32", device)
-    loaded = load_for_sampling(cfg.checkpoint, ModelOptions.from_config(cfg.machine), device, precision)
-    explorer = Explorer(loaded, section_argv(cfg.checkpoint) + section_argv(cfg.machine), first_settings(cfg, loaded),
-                        device, precision, cfg.serve.max_images)
+    explorer = explorer_for(cfg, checking_parser(GridConfig), device, precision)  # as `opendit serve` builds it
     server = make_server(explorer, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -170,9 +165,7 @@ def test_flow_and_meanflow_checkpoints_on_the_page(tmp_path, objective, request_
     cfg = parse_argv(ServeConfig, ["--ckpt", run_dir, "--device", "cpu"])
     device = pick_device("cpu", 0)
     precision = Precision("fp32", device)
-    loaded = load_for_sampling(cfg.checkpoint, ModelOptions.from_config(cfg.machine), device, precision)
-    explorer = Explorer(loaded, section_argv(cfg.checkpoint) + section_argv(cfg.machine), first_settings(cfg, loaded),
-                        device, precision, cfg.serve.max_images)
+    explorer = explorer_for(cfg, checking_parser(GridConfig), device, precision)  # as `opendit serve` builds it
     info = explorer.info()
     assert {k: info["defaults"][k] for k in first} == first
     assert info["methods"] == ({"ode": ["euler", "heun", "dopri5"], "sde": ["Euler", "Heun"]} if objective == "flow"

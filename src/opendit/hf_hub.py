@@ -60,3 +60,8 @@ def resolve_hf(uri: str, flag: str = "--ckpt") -> str:
     except Exception as e:  # not cached offline, no network, unknown repo / revision / file, no access
         where = "is not in the Hub cache and offline mode is on" if local_only else "cannot be fetched"
         raise UserError(f"{flag} {uri}: {where} ({reason(e)})") from None
+
+
+def local_path(path: str | None, flag: str) -> str | None:
+    """``path`` itself, or for an hf:// address its copy in the Hub cache (fetched unless offline)."""
+    return resolve_hf(path, flag) if is_hf_uri(path) else path

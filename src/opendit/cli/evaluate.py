@@ -24,6 +24,7 @@ import sys
 
 from ..errors import POSITIVE_INT, print_or_stop
 from ..eval.scores import run_eval
+from ..hf_hub import local_path
 from .program import ArgumentParser, run_main
 
 
@@ -44,18 +45,10 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def fetch_hub_inputs(args) -> dict:
-    """The inputs given as hf:// addresses, fetched: their local paths (the arguments keep the addresses, for the
-    report)."""
-    from ..hf_hub import is_hf_uri, resolve_hf
-
-    return {name: resolve_hf(getattr(args, name), flag) for name, flag in
-            (("samples", "SAMPLES"), ("reference", "REFERENCE"), ("inception", "--inception"))
-            if is_hf_uri(getattr(args, name))}
-
-
 def report(args) -> int:
-    m = run_eval(**{**vars(args), **fetch_hub_inputs(args)})
+    fetched = dict(samples=local_path(args.samples, "SAMPLES"), reference=local_path(args.reference, "REFERENCE"),
+                   inception=local_path(args.inception, "--inception"))  # hf:// addresses: their copies in the cache
+    m = run_eval(**{**vars(args), **fetched})
     ref = f"{m['num_reference']} images" if m["num_reference"] else "precomputed statistics"
     lines = [f"samples    {args.samples} ({m['num_samples']} images)", f"reference  {args.reference} ({ref})",
              f"features   {m['features']}", f"FID        {m['fid']:.4f}"]

@@ -24,14 +24,14 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def run(args) -> int:
+def report(args) -> int:
     dst = export_run(args.src, args.dst, model_weights=args.model_weights, force=args.force, repo=args.repo)
     print(f"wrote {dst}/ (model.safetensors, config.json, README.md); upload it with: hf upload {args.repo} {dst}")
     return 0
 
 
 def main(argv=None) -> int:
-    return run_main(run, build_parser().parse_args(argv))
+    return run_main(report, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

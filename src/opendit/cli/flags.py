@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..config.fields import Config, default_of, is_switch
+from ..errors import UserError
 from .recipes import parse_with_config
 
 _UNSET = object()
@@ -50,3 +51,17 @@ def parse_argv(config_cls: type[Config], argv: list[str]) -> Config:
     parser = argparse.ArgumentParser(add_help=False)
     add_settings(parser, config_cls)
     return config_cls.from_flat(vars(parser.parse_args(argv)))
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def checking_parser(config_cls: type[Config]):
+    """``parse(argv) -> config`` for command lines that come from elsewhere than a terminal (``opendit serve``'s
+    requests): ``config_cls``'s flags, a bad value raised as one UserError line (the message argparse would print)
+    instead of printed and exited on."""
+    parser = _RaisingParser(add_help=False, allow_abbrev=False)
+    add_settings(parser, config_cls)
+    return lambda argv: config_cls.from_flat(vars(parser.parse_args(argv)))

@@ -16,7 +16,6 @@ request's) and is parsed and checked by that program's own parser and settings: 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -30,29 +29,20 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from ..cli.flags import add_settings
-from ..config import GridConfig
+from ..config import GridConfig, ServeConfig
 from ..config.fields import default_of, is_switch
+from ..distributed import pick_device
 from ..errors import UserError, reason
+from ..parallelize import ModelOptions
+from ..precision import Precision
+from ..sampling.compiled import check_fast_flags
 from ..sampling.generate import describe_settings
-from ..sampling.grid import draw_grid
+from ..sampling.grid import draw_grid, parse_labels
+from ..sampling.load import load_for_sampling, sampler_settings
 
 # flow samplers: the integration methods the page offers (the ODE's adaptive ones need torchdiffeq)
 FLOW_METHODS = {"ode": ("euler", "heun", "dopri5"), "sde": ("Euler", "Heun")}
 MAX_BODY = 1 << 20  # bytes of a request body
-
-
-class _RequestParser(argparse.ArgumentParser):
-    """sample_dit.py's flags, with a bad value raised (for the page) instead of printed and exited on."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def _parser() -> _RequestParser:
-    p = _RequestParser(add_help=False, allow_abbrev=False)
-    add_settings(p, GridConfig)
-    return p
 
 
 def section_argv(section) -> list[str]:
@@ -101,10 +91,11 @@ class Result:
 class Explorer:
     """A checkpoint loaded once (``loaded``: opendit.sampling.load.Loaded) and drawn from by one worker thread."""
 
-    def __init__(self, loaded, base_argv: list[str], defaults: dict, device, precision, max_images: int):
+    def __init__(self, loaded, base_argv: list[str], defaults: dict, device, precision, max_images: int, parse):
+        """``parse(argv) -> GridConfig``: sample_dit.py's flags, a bad value raised as a UserError (the program's
+        ``opendit.cli.flags.checking_parser(GridConfig)``)."""
         self.loaded, self.base_argv, self.defaults = loaded, list(base_argv), defaults
-        self.device, self.precision, self.max_images = device, precision, max_images
-        self.parser = _parser()
+        self.device, self.precision, self.max_images, self.parse = device, precision, max_images, parse
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opendit-serve")
         self.waiting = 0
         self.lock = threading.Lock()
@@ -155,12 +146,11 @@ class Explorer:
 
     def config(self, argv: list[str]) -> GridConfig:
         try:
-            args = self.parser.parse_args(argv)
+            return self.parse(argv)
         except UserError as e:
             raise UserError(str(e).replace("argument --num_sampling_steps", "steps")
                             .replace("argument --cfg_scale", "guidance scale").replace("argument --seed", "seed")
                             .replace("argument --cfg_interval", "guidance interval")) from None
-        return GridConfig.from_flat(vars(args))
 
     def generate(self, request: dict) -> Result:
         """Check ``request`` here, then wait for the worker to draw it (requests are served one at a time)."""
@@ -253,3 +243,54 @@ def make_server(explorer: Explorer, host: str, port: int) -> ThreadingHTTPServer
         raise UserError(f"--host {host} --port {port}: cannot listen there ({reason(e)})") from None
     server.daemon_threads = True
     return server
+
+
+def first_settings(cfg: ServeConfig, loaded) -> dict:
+    """The page's settings at first: the flags given, else the 20-evaluation sampler of the training grids, the
+    default classes (as many as --max_images allows) and guidance 4 (1 with guidance trained in)."""
+    objective, s, g = loaded.objective, cfg.sampler, cfg.guidance
+    quick = objective.quick_sampler
+    sampler = s.sampler if s.sampler != "auto" else quick["sampler"]
+    same = sampler == quick["sampler"]
+    steps = s.num_sampling_steps or (quick["steps"] if same else objective.default_steps or 250)
+    method = s.sampling_method or (quick.get("sampling_method") if same else None)
+    classes = list(dict.fromkeys(parse_labels(None, loaded.num_classes)))
+    per_class = min(cfg.serve.per_class, cfg.serve.max_images)
+    classes = classes[:max(1, cfg.serve.max_images // per_class)]
+    scale = g.cfg_scale if g.cfg_scale is not None else (1.0 if objective.guidance_trained_in else g.DEFAULT_SCALE)
+    interval = [f"{v:g}" for v in g.cfg_interval] if g.cfg_interval is not None else None
+    return dict(sampler=sampler, steps=steps, sampling_method=method, seed=s.seed, cfg_scale=scale,
+                cfg_interval=interval, classes=classes, per_class=per_class)
+
+
+def explorer_for(cfg: ServeConfig, parse, device, precision) -> Explorer:
+    """The checkpoint of ``cfg`` loaded, its flags checked against it as sample_dit.py checks them, and the page's
+    first request checked."""
+    loaded = load_for_sampling(cfg.checkpoint, ModelOptions.from_config(cfg.machine), device, precision)
+    sampler_settings(cfg, loaded)
+    base = section_argv(cfg.checkpoint) + section_argv(cfg.cache) + section_argv(cfg.machine)
+    first = first_settings(cfg, loaded)
+    explorer = Explorer(loaded, base, first, device, precision, cfg.serve.max_images, parse)
+    explorer.config(explorer.command(dict(first, per_class=str(first["per_class"]))))
+    return explorer
+
+
+def serve(cfg: ServeConfig, parse) -> int:
+    """The body of ``opendit serve``: bind first (a port in use is said at once), load, serve until Ctrl-C."""
+    if cfg.guidance.cfg_interval_sigma is not None:
+        raise UserError("--cfg_interval_sigma: the page sets the interval on the t axis; use --cfg_interval")
+    device = pick_device(cfg.machine.device, 0)
+    precision = Precision(cfg.machine.mixed_precision, device)
+    check_fast_flags(cfg.machine, cfg.cache, device)
+    server = make_server(None, cfg.serve.host, cfg.serve.port)
+    try:
+        explorer = explorer_for(cfg, parse, device, precision)
+        server.RequestHandlerClass.explorer = explorer
+        host, port = server.server_address[:2]
+        loaded = explorer.loaded
+        print(f"{loaded.name} from {loaded.source} ({loaded.objective_note}) on {device}: "
+              f"http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
