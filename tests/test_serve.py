@@ -177,3 +177,19 @@ def test_flow_and_meanflow_checkpoints_on_the_page(tmp_path, objective, request_
     if objective == "meanflow":
         with pytest.raises(UserError, match="guidance is trained into"):
             explorer.generate(dict(request_, cfg_scale="1.5"))
+
+
+def test_the_servers_sampler_options_apply_to_every_request(run_dir, tmp_path):
+    """Flags the page has no control for (here --guidance_channels and --clip_denoised) are part of every request's
+    command; the page's own settings given to serve are only its first values."""
+    cfg = parse_argv(ServeConfig, ["--ckpt", run_dir, "--device", "cpu", "--guidance_channels", "1", "--clip_denoised",
+                                   "no", "--cfg_scale", "2.5", "--seed", "7"])
+    device = pick_device("cpu", 0)
+    explorer = explorer_for(cfg, checking_parser(GridConfig), device, Precision("fp32", device))
+    assert (explorer.defaults["cfg_scale"], explorer.defaults["seed"]) == (2.5, 7)
+    result = explorer.generate(dict(classes=[4], per_class=2, sampler="ddim", steps=5, seed=1, cfg_scale=3))
+    assert result.command[:8] == ["--ckpt", run_dir, "--clip_denoised", "no", "--guidance_channels", "1", "--device",
+                                  "cpu"]
+    assert "--cfg_scale" in result.command and result.command[result.command.index("--cfg_scale") + 1] == "3"
+    shown = np.asarray(Image.open(io.BytesIO(result.png)).convert("RGB"))
+    assert np.array_equal(shown, sample_dit(result.command, tmp_path / "g.png"))

@@ -179,13 +179,9 @@ class ServeSettings:
 
 
 @dataclass
-class ServeConfig(Config):
+class ServeConfig(SamplingConfig):
     """opendit serve: a checkpoint loaded once, sampled from a local web page. The sampler, guidance and seed flags
-    are the page's settings at first (default: the 20-evaluation sampler of the training grids)."""
+    are the page's settings at first (default: the 20-evaluation sampler of the training grids); cached steps and the
+    machine apply to every request."""
 
-    checkpoint: CheckpointSettings = section(CheckpointSettings, "checkpoint")
-    sampler: SamplerSettings = section(SamplerSettings, "the page's first settings")
-    guidance: GuidanceSettings = section(GuidanceSettings, "guidance (the page's first settings)")
-    cache: CacheSettingsSection = section(CacheSettingsSection, "cached steps (every request)")
-    machine: SamplingMachineSettings = section(SamplingMachineSettings, "machine")
     serve: ServeSettings = section(ServeSettings, "the page")

@@ -45,12 +45,17 @@ FLOW_METHODS = {"ode": ("euler", "heun", "dopri5"), "sde": ("Euler", "Heun")}
 MAX_BODY = 1 << 20  # bytes of a request body
 
 
-def section_argv(section) -> list[str]:
-    """The flags that give a config section's non-default values (``--ckpt X``, a switch alone, a pair's values)."""
+# the settings a page request gives (the server's own values of these are only the page's first values)
+PAGE_SETTINGS = ("sampler", "num_sampling_steps", "seed", "sampling_method", "cfg_scale", "cfg_interval", "config")
+
+
+def section_argv(section, skip: tuple[str, ...] = ("config",)) -> list[str]:
+    """The flags that give a config section's non-default values (``--ckpt X``, a switch alone, a pair's values),
+    but those named in ``skip``."""
     words = []
     for f in fields(section):
         value = getattr(section, f.name)
-        if value == default_of(f) or f.name == "config":
+        if value == default_of(f) or f.name in skip:
             continue
         if is_switch(f):
             words.append(f"--{f.name}")
@@ -268,7 +273,10 @@ def explorer_for(cfg: ServeConfig, parse, device, precision) -> Explorer:
     first request checked."""
     loaded = load_for_sampling(cfg.checkpoint, ModelOptions.from_config(cfg.machine), device, precision)
     sampler_settings(cfg, loaded)
-    base = section_argv(cfg.checkpoint) + section_argv(cfg.cache) + section_argv(cfg.machine)
+    # every request: the checkpoint, cached steps, the machine, and the sampler and guidance options the page has no
+    # control for (clip_denoised, a flow's timestep_shift / tolerances / SDE options, guidance_channels)
+    base = [*section_argv(cfg.checkpoint), *section_argv(cfg.sampler, PAGE_SETTINGS),
+            *section_argv(cfg.guidance, PAGE_SETTINGS), *section_argv(cfg.cache), *section_argv(cfg.machine)]
     first = first_settings(cfg, loaded)
     explorer = Explorer(loaded, base, first, device, precision, cfg.serve.max_images, parse)
     explorer.config(explorer.command(dict(first, per_class=str(first["per_class"]))))
