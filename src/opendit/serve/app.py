@@ -21,7 +21,6 @@ import io
 import json
 import shlex
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -101,9 +100,7 @@ class Explorer:
         ``opendit.cli.flags.checking_parser(GridConfig)``)."""
         self.loaded, self.base_argv, self.defaults = loaded, list(base_argv), defaults
         self.device, self.precision, self.max_images, self.parse = device, precision, max_images, parse
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opendit-serve")
-        self.waiting = 0
-        self.lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opendit-serve")  # the queue
 
     # -- what the page shows before a request
     def info(self) -> dict:
@@ -161,14 +158,7 @@ class Explorer:
         """Check ``request`` here, then wait for the worker to draw it (requests are served one at a time)."""
         argv = self.command(request)
         cfg = self.config(argv)
-        queued = time.perf_counter()
-        with self.lock:
-            self.waiting += 1
-        try:
-            return self.worker.submit(self._draw, cfg, argv, queued).result()
-        finally:
-            with self.lock:
-                self.waiting -= 1
+        return self.worker.submit(self._draw, cfg, argv, time.perf_counter()).result()
 
     def _draw(self, cfg: GridConfig, argv: list[str], queued: float) -> Result:
         start = time.perf_counter()
