@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import REPO, TINY, only_run_dir, run, run_in_process, run_train
+from helpers import REPO, TINY, only_run_dir, read_metrics, run, run_in_process, run_train
 from opendit.checkpoint import list_checkpoints
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -110,6 +110,14 @@ def test_an_exported_run_loads_offline_from_the_hub_cache_in_every_program(run_d
     assert scores["hub"] == scores["run"] and "samples    hf://datasets/me/samples/samples.npz" in r.stdout
     r = run_in_process("opendit.cli.evaluate", ["hf://datasets/me/samples/other.npz", "digits"], env_extra=env)
     assert r.returncode == 2 and "SAMPLES hf://datasets/me/samples/other.npz: is not in the Hub cache" in r.stderr
+    # train.py's periodic FID against a reference batch on the Hub: the FID it logs against the local file
+    fids = {}
+    for name, ref in (("run", str(tmp_path / "ddp-run") + ".npz"), ("hub", "hf://datasets/me/samples/samples.npz")):
+        r = run_train(*TINY, "--batch_size", "16", "--max_steps", "1", "--eval_every", "1", "--eval_samples", "8",
+                      "--eval_reference", ref, "--outputs", str(tmp_path / f"fid-{name}"), env_extra=env)
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        fids[name] = read_metrics(only_run_dir(tmp_path / f"fid-{name}"))[1]["fid"]
+    assert fids["hub"] == fids["run"]
     r = run_in_process("opendit.cli.convert", ["hf://me/digits", str(tmp_path / "c.safetensors")], env_extra=env)
     assert r.returncode == 0, r.stderr
     ema = torch.load(os.path.join(list_checkpoints(run_dir)[-1], "ema.pt"), weights_only=True)

@@ -551,11 +551,13 @@ def fid_evaluator(cfg: TrainConfig, dataset, run_dir: str, env):
     if not ev.eval_every:
         return None
     from ..eval.periodic import PeriodicFID
+    from ..hf_hub import local_path
 
     features = ev.eval_features if ev.eval_features != "auto" else \
         ("digits" if cfg.data.dataset == "digits" else "inception")
-    return distributed.on_rank0(lambda: PeriodicFID(
-        features=features, inception=ev.inception, reference=ev.eval_reference, dataset=dataset, run_dir=run_dir,
+    return distributed.on_rank0(lambda: PeriodicFID(  # rank 0 fetches hf:// inputs into the Hub cache
+        features=features, inception=local_path(ev.inception, "--inception"),
+        reference=local_path(ev.eval_reference, "--eval_reference"), dataset=dataset, run_dir=run_dir,
         num_samples=ev.eval_samples, cfg_scale=ev.eval_cfg_scale, seed=cfg.optim.global_seed, device=env.device,
         class_names=dataset.class_names), env)
 
