@@ -97,3 +97,9 @@ def test_wandb_without_the_package_is_one_line(tmp_path, monkeypatch):
     assert r.returncode == 2 and r.stderr == ("error: --wandb needs the wandb package (pip install wandb, or pip "
                                               "install -e '.[wandb]')\n"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_wandb_setting_without_wandb_is_one_line(tmp_path):
+    r = run_train(*TINY, "--max_steps", "1", "--wandb_mode", "offline", "--outputs", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr == "error: --wandb_mode is a setting of the W&B logger; add --wandb\n"
+    assert not (tmp_path / "out").exists()

@@ -250,6 +250,8 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
         raise UserError(f"--outputs {cfg.schedule.outputs} is a file, not a directory")
     if cfg.schedule.wandb:
         check_wandb()
+    elif given is not None and (orphans := [k for k in ("wandb_project", "wandb_mode") if k in given]):
+        raise UserError(f"--{orphans[0]} is a setting of the W&B logger; add --wandb")
     if cfg.objective.objective != "flow" and given is not None:
         if flow_only := [k for k in ObjectiveSettings.FLOW_ONLY if k in given]:
             raise UserError(f"--{flow_only[0]} is a setting of the flow objective; add --objective flow (the run's "
