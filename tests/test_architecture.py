@@ -10,8 +10,8 @@ import sys
 import pytest
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-PROGRAMS = ("train", "sample", "sample_ddp", "score_digits", "evaluate", "extract_features", "convert", "launch", "export",
-            "serve")
+PROGRAMS = ("train", "sample", "sample_ddp", "score_digits", "evaluate", "extract_features", "convert", "launch",
+            "export", "serve")
 PROGRAM_FUNCTIONS = {"build_parser", "main", "report"}  # report: what a program prints
 MAX_FUNCTION_LINES = 100
 

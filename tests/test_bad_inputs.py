@@ -114,7 +114,8 @@ CASES = {
     "train: load truncated": ("train", ["--load", "{corrupt}"], "corrupt or truncated"),
     "train: load altered (hash)": ("train", ["--load", "{altered}"], "fails its SHA-256 check"),
     "train: load other model": ("train", ["--load", "{other}"], "does not fit this model"),
-    "train: load a plain file": ("train", ["--load", "{notes}"], "is not a readable checkpoint"),  # weights to fine-tune
+    # a file given to --load is weights to fine-tune from
+    "train: load a plain file": ("train", ["--load", "{notes}"], "is not a readable checkpoint"),
     # sampling
     "sample: missing ckpt": (SAMPLE, ["--ckpt", "{tmp}/nothing.pt"], "no such file"),
     "sample: pickle with code": (SAMPLE, ["--ckpt", "{evil}"], "refusing to load"),

@@ -17,8 +17,8 @@ DEMO_SETTINGS = {"--batch_size": "128", "--lr": "2e-3", "--lr_schedule": "cosine
                  "--ema_decay": "0.995", "--mixed_precision": "fp32"}
 SUBCOMMANDS = {"train": "opendit.cli.train", "sample": "opendit.cli.sample", "sample-ddp": "opendit.cli.sample_ddp",
                "score-digits": "opendit.cli.score_digits", "eval": "opendit.cli.evaluate",
-               "extract-features": "opendit.cli.extract_features", "convert": "opendit.cli.convert", "run": "opendit.cli.launch",
-               "export": "opendit.cli.export", "serve": "opendit.cli.serve"}
+               "extract-features": "opendit.cli.extract_features", "convert": "opendit.cli.convert",
+               "run": "opendit.cli.launch", "export": "opendit.cli.export", "serve": "opendit.cli.serve"}
 SECTIONS = {"opendit.cli.train": "train", "opendit.cli.sample": "sample", "opendit.cli.sample_ddp": "sample",
             "opendit.cli.serve": "sample"}
 

@@ -76,7 +76,8 @@ def test_wandb_offline_holds_the_runs_scalars_grid_and_config(tmp_path):
     assert rows[4]["train/fid"] == metrics[4]["fid"]
     image = rows[4]["eval/samples/path"]
     logged = np.asarray(Image.open(os.path.join(os.path.dirname(files[0]), "files", image)).convert("RGB"))
-    assert np.array_equal(logged, np.asarray(Image.open(os.path.join(run_dir, "eval", "step0000004.png")).convert("RGB")))
+    grid = Image.open(os.path.join(run_dir, "eval", "step0000004.png")).convert("RGB")
+    assert np.array_equal(logged, np.asarray(grid))
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path):

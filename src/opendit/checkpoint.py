@@ -418,11 +418,10 @@ def load_weights(path: str, use_model_weights: bool = False, flag: str = "--ckpt
     published checkpoint (``opendit.published``: fetched into the hub cache), or ``hf://OWNER/NAME[@REVISION][/FILE]``
     (``opendit.hf_hub``; an ``opendit export`` folder: its model.safetensors, with its config.json as the run's). REPA's
     release layout comes back in ours (``opendit.published.from_repa_layout``)."""
-    from .hf_hub import is_hf_uri, resolve_hf
+    from .hf_hub import local_path
     from .published import PUBLISHED, fetch_published, unknown_name_hint
 
-    if is_hf_uri(path):  # hf://OWNER/NAME[@REVISION][/FILE]: the Hub cache's copy (an exported run loads like the run)
-        path = resolve_hf(path, flag)
+    path = local_path(path, flag)  # hf://...: the Hub cache's copy (an export loads like the run it came from)
     if not os.path.exists(path):
         if path not in PUBLISHED:
             raise UserError(f"{flag} {path}: no such file or directory{unknown_name_hint(path)}")

@@ -53,8 +53,8 @@ def resolve_hf(uri: str, flag: str = "--ckpt") -> str:
                         ) from None
     local_only = offline()
     # read now: huggingface_hub reads these once, at its import
-    kw = dict(revision=revision, repo_type=repo_type, local_files_only=local_only, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-              endpoint=os.environ.get("HF_ENDPOINT") or None)
+    kw = dict(revision=revision, repo_type=repo_type, local_files_only=local_only,
+              cache_dir=os.environ.get("HF_HUB_CACHE") or None, endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
         return hub.hf_hub_download(repo, file, **kw) if file else hub.snapshot_download(repo, **kw)
     except Exception as e:  # not cached offline, no network, unknown repo / revision / file, no access

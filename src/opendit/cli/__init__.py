@@ -1,6 +1,6 @@
 """The ``opendit`` command (also ``python -m opendit``): ``opendit models`` lists the model configs and the published
-checkpoints ``--ckpt`` takes by name; ``opendit train|
-sample|sample-ddp|score-digits|extract-features|eval|convert|export|serve|run`` run the programs of scripts/dit/ under one name."""
+checkpoints ``--ckpt`` takes by name; ``opendit train|sample|sample-ddp|score-digits|extract-features|eval|convert|
+export|serve|run`` run the programs of scripts/dit/ (and export, serve) under one name."""
 
 from __future__ import annotations
 

@@ -46,13 +46,6 @@ def parse_config(config_cls: type[Config], parser: argparse.ArgumentParser, argv
     return config_cls.from_flat(vars(args)), given_flags(parser, effective), effective
 
 
-def parse_argv(config_cls: type[Config], argv: list[str]) -> Config:
-    """The config of a command line alone (no recipe), as a program parses it: for tests and notebooks."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_settings(parser, config_cls)
-    return config_cls.from_flat(vars(parser.parse_args(argv)))
-
-
 class _RaisingParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(message)
@@ -60,8 +53,13 @@ class _RaisingParser(argparse.ArgumentParser):
 
 def checking_parser(config_cls: type[Config]):
     """``parse(argv) -> config`` for command lines that come from elsewhere than a terminal (``opendit serve``'s
-    requests): ``config_cls``'s flags, a bad value raised as one UserError line (the message argparse would print)
-    instead of printed and exited on."""
+    requests, tests, notebooks): ``config_cls``'s flags, no recipe, a bad value raised as one UserError line (the
+    message argparse would print) instead of printed and exited on."""
     parser = _RaisingParser(add_help=False, allow_abbrev=False)
     add_settings(parser, config_cls)
     return lambda argv: config_cls.from_flat(vars(parser.parse_args(argv)))
+
+
+def parse_argv(config_cls: type[Config], argv: list[str]) -> Config:
+    """The config of a command line alone (no recipe), as a program parses it: for tests and notebooks."""
+    return checking_parser(config_cls)(argv)

@@ -55,7 +55,8 @@ class Chromium:
                 "--remote-debugging-pipe", "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
                 "--force-color-profile=srgb", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
                 "about:blank"]
-        self.process = subprocess.Popen(args, pass_fds=(3, 4, to_browser_r, from_browser_w), preexec_fn=pipes_at_3_and_4,
+        self.process = subprocess.Popen(args, pass_fds=(3, 4, to_browser_r, from_browser_w),
+                                        preexec_fn=pipes_at_3_and_4,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         os.close(to_browser_r)

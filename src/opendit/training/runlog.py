@@ -13,7 +13,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..errors import UserError, reason
 
 
 def new_run_dir(outputs: str, model_name: str) -> str:
@@ -56,9 +56,8 @@ def start_wandb(run_dir: str, project: str, mode: str, config: dict | None):
                           dir=run_dir, config=config, mode=None if mode == "auto" else mode,
                           settings=wandb.Settings(console="off"))  # stdout stays ours (log.txt has it)
     except Exception as e:  # not logged in, no network, a bad project name
-        raise UserError(f"--wandb: cannot start a W&B run ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-                        f"); log in with `wandb login`, or pass --wandb_mode offline (and `wandb sync` later)"
-                        ) from None
+        raise UserError(f"--wandb: cannot start a W&B run ({type(e).__name__}: {reason(e)}); log in with `wandb "
+                        f"login`, or pass --wandb_mode offline (and `wandb sync` later)") from None
 
 
 class RunLog:

@@ -77,7 +77,6 @@ class Run:
     log: RunLog = None
     batch_plan: GlobalBatchPlan = None
     total_steps: int = 0
-    init_from: dict | None = None  # fine-tuning: the weights the run started from (--load as given, the file)
 
     def ema_model(self):
         """A fresh plain model holding the EMA weights, on rank 0 (None elsewhere; collective)."""
@@ -97,8 +96,6 @@ def train(cfg: TrainConfig, given: set[str] | None = None, command: list[str] | 
         validate(cfg, given)
         run = Run(cfg, env, Precision(cfg.machine.mixed_precision, env.device), ModelOptions.from_config(cfg.machine),
                   cfg.optim.batch_size * env.world_size)
-        if resume.init:
-            run.init_from = {"load": resume.init, "file": resume.init_source}
         build(run, resume)
         open_session(run, resume, command)
         bad = BadImages(cfg.data.on_bad_image, env, run.log, earlier=run.state.bad_images)
@@ -165,9 +162,9 @@ def open_session(run: Run, resume, command) -> None:
     if env.is_main and run.run_dir is None:
         run.run_dir, run.created = new_run_dir(cfg.schedule.outputs, cfg.model.model), True
     run.run_dir = distributed.broadcast_object(run.run_dir, env)
-    sched = cfg.schedule
-    wandb_run = distributed.on_rank0(lambda: start_wandb(run.run_dir, sched.wandb_project, sched.wandb_mode,
-                                                         run_config(run)), env) if sched.wandb else None
+    config, sched = run_config(run, resume), cfg.schedule
+    wandb_run = distributed.on_rank0(lambda: start_wandb(run.run_dir, sched.wandb_project, sched.wandb_mode, config),
+                                     env) if sched.wandb else None
     run.log = RunLog(run.run_dir if env.is_main else None, wandb_run)
     run.batch_plan = GlobalBatchPlan(len(run.dataset), run.global_batch, rank=env.rank, world_size=env.world_size,
                                      seed=cfg.optim.global_seed, shuffle=True, flip=run.dataset.flip)
@@ -176,7 +173,7 @@ def open_session(run: Run, resume, command) -> None:
     epochs_steps = cfg.optim.epochs * run.batch_plan.steps_per_epoch
     run.total_steps = min(cfg.optim.max_steps or epochs_steps, epochs_steps)
     branch, moved = record_session(env, run.run_dir, run.created, run.ckpt_dir, run.state, resume, command,
-                                   config=run_config(run))
+                                   config=config)
     describe_run(run)
     describe_session(env, run.log, run.run_dir, run.ckpt_dir, run.state, resume, branch, moved)
     if run.ckpt_dir and (note := schedule_tail_note(cfg.optim, run.state.global_step, run.total_steps)):
@@ -325,16 +322,18 @@ def sampling_model(trained: DiT, options: ModelOptions, state: dict, env) -> DiT
     return m
 
 
-def run_config(run: Run) -> dict:
+def run_config(run: Run, resume) -> dict:
     """config.json: the settings the run was started with (never rewritten; flat, by flag name), resolved: the image
-    size, classes, VAE and objective the run has, and its model's DiTConfig."""
+    size, classes, VAE and objective the run has, its model's DiTConfig, and for a fine-tuned run the weights it
+    started from (``init_from``: --load as given, the file read)."""
     space, dataset = run.space, run.dataset
     return dict(run.cfg.flat(), image_size=space.image_size, num_classes=dataset.num_classes,
                 input_size=space.input_size[0], in_channels=space.channels, vae_resolved=space.vae_name,
                 world_size=run.env.world_size, global_batch=run.global_batch, class_names=list(dataset.class_names),
                 **run.objective.record(),
                 latent_stats=space.latent_norm.record() if space.latent_norm is not None else None,
-                dit=run.model.config.to_dict(), **({"init_from": run.init_from} if run.init_from else {}))
+                dit=run.model.config.to_dict(),
+                **({"init_from": {"load": resume.init, "file": resume.init_source}} if resume.init else {}))
 
 
 def record_session(env, run_dir: str, created: bool, ckpt_dir: str | None, state: TrainState, resume, command, *,
